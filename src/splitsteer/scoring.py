@@ -1,0 +1,240 @@
+"""Per-pair answer losses under steering updates at given factors.
+
+Training and sweeps share this core. Two facts make it fast:
+
+1. Activations below the steering site do not depend on the update or the factor. One
+   unsteered forward captures the input of the first steered layer together with the
+   arguments every later layer is called with (masks, rotary embeddings, ...). The
+   *tail* (that layer and those above it) then runs from the capture, for as many
+   factors or epochs as needed, without recomputing the layers below.
+2. The LM head runs only at positions whose next token is an answer token.
+
+The capture is architecture-agnostic: it records whatever the model passes to its
+decoder layers through forward pre-hooks, and the tail calls the same layer modules
+with the same arguments, so steering hooks on those modules fire as usual.
+"""
+
+from __future__ import annotations
+
+from contextlib import ExitStack
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import final_norm, find_layers
+from .render import IGNORE, Batch
+from .updates import SteeringUpdate
+
+Reduction = Literal["mean", "sum"]
+Positions = Literal["all", "answer"]
+
+
+class _StopForward(Exception):
+    """Raised from a hook to end a forward pass early, once what we need is captured."""
+
+
+@dataclass
+class Prefix:
+    """What the tail of the model needs to run one batch from decoder layer ``start``."""
+
+    start: int
+    batch: Batch
+    #: Input hidden states of layer ``start``.
+    hidden: torch.Tensor
+    #: Per tail layer: (positional args after the hidden states, keyword args).
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
+    hidden_as_kwarg: bool
+    #: The unsteered input of the final norm (only when asked for, e.g. for references).
+    base_final: torch.Tensor | None = None
+
+    def nbytes(self) -> int:
+        extra = self.base_final.numel() * self.base_final.element_size() if self.base_final is not None else 0
+        return self.hidden.numel() * self.hidden.element_size() + extra
+
+
+def input_device(model: nn.Module) -> torch.device:
+    return model.get_input_embeddings().weight.device
+
+
+@torch.no_grad()
+def capture_prefix(model: nn.Module, batch: Batch, start: int, *, keep_base: bool = False) -> Prefix:
+    """Run ``batch`` unsteered and capture the inputs of decoder layers ``start``…N−1."""
+    _, layers = find_layers(model)
+    calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
+    captured: dict[str, Any] = {}
+
+    def on_layer(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        if not calls:
+            captured["as_kwarg"] = not args
+            captured["hidden"] = kwargs["hidden_states"] if not args else args[0]
+        rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        calls.append((tuple(args[1:]), rest))
+
+    def on_final_norm(_m: nn.Module, args: tuple[Any, ...]) -> None:
+        captured["final"] = args[0]
+        raise _StopForward
+
+    with ExitStack() as stack:
+        for layer in list(layers)[start:]:
+            stack.callback(layer.register_forward_pre_hook(on_layer, with_kwargs=True).remove)
+        stack.callback(final_norm(model).register_forward_pre_hook(on_final_norm).remove)
+        inputs = {k: v.to(input_device(model)) for k, v in batch.model_inputs().items()}
+        try:
+            model(**inputs, use_cache=False)
+        except _StopForward:
+            pass
+    return Prefix(
+        start=start,
+        batch=batch,
+        hidden=captured["hidden"],
+        calls=calls,
+        hidden_as_kwarg=captured["as_kwarg"],
+        base_final=captured["final"] if keep_base else None,
+    )
+
+
+def _repeat(value: Any, rows: int, repeats: int, memo: dict[int, Any]) -> Any:
+    """Repeat batch-shaped tensors ``repeats`` times along the batch (factor-major rows).
+
+    Only tensors of rank ≥ 2 whose first dimension is the batch are batch-shaped; rank-1
+    tensors (e.g. cache positions) and size-1 leading dimensions broadcast as they are.
+    """
+    if repeats == 1:
+        return value
+    if id(value) in memo:
+        return memo[id(value)]
+    if isinstance(value, torch.Tensor):
+        out = value
+        if value.dim() >= 2 and value.shape[0] == rows and rows > 1:
+            out = value.repeat(repeats, *([1] * (value.dim() - 1)))
+    elif isinstance(value, tuple):
+        out = tuple(_repeat(v, rows, repeats, memo) for v in value)
+    elif isinstance(value, list):
+        out = [_repeat(v, rows, repeats, memo) for v in value]
+    elif isinstance(value, dict):
+        out = {k: _repeat(v, rows, repeats, memo) for k, v in value.items()}
+    else:
+        out = value
+    memo[id(value)] = out
+    return out
+
+
+def run_tail(model: nn.Module, prefix: Prefix, repeats: int = 1, *, until: int | None = None) -> torch.Tensor:
+    """Run layers ``prefix.start``… on the captured inputs, each row ``repeats`` times.
+
+    Returns the final-norm output (rows·repeats, seq, hidden), or with ``until`` the
+    output of that decoder layer (no final norm). Steering hooks that are active on
+    those layers or their submodules apply.
+    """
+    _, layers = find_layers(model)
+    rows = prefix.hidden.shape[0]
+    memo: dict[int, Any] = {}
+    hidden = _repeat(prefix.hidden, rows, repeats, memo)
+    for offset, (args, kwargs) in enumerate(prefix.calls):
+        index = prefix.start + offset
+        args = _repeat(args, rows, repeats, memo)
+        kwargs = _repeat(kwargs, rows, repeats, memo)
+        if prefix.hidden_as_kwarg:
+            out = layers[index](*args, hidden_states=hidden, **kwargs)
+        else:
+            out = layers[index](hidden, *args, **kwargs)
+        hidden = out[0] if isinstance(out, tuple) else out
+        if until is not None and index == until:
+            return hidden
+    return final_norm(model)(hidden)
+
+
+def answer_logits(model: nn.Module, normed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LM-head logits at positions that predict answer tokens only.
+
+    Returns (logits (N, vocab), target ids (N,), row index of each (N,)).
+    """
+    next_labels = labels[:, 1:].to(normed.device)
+    selected = next_labels != IGNORE
+    head = model.get_output_embeddings()
+    states = normed[:, :-1][selected].to(head.weight.device)
+    logits = head(states)
+    # Gemma 2/3 soft-cap their logits in the CausalLM wrapper; the head alone does not.
+    cap = getattr(getattr(model.config, "text_config", None) or model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    rows = selected.nonzero()[:, 0].to(logits.device)
+    return logits, next_labels[selected].to(logits.device), rows
+
+
+def row_nll(model: nn.Module, normed: torch.Tensor, labels: torch.Tensor, reduction: Reduction = "mean") -> torch.Tensor:
+    """Answer negative log-likelihood per row: mean over answer tokens, or their sum."""
+    logits, targets, rows = answer_logits(model, normed, labels)
+    nll = F.cross_entropy(logits.float(), targets, reduction="none")
+    total = torch.zeros(labels.shape[0], device=nll.device, dtype=nll.dtype).index_add(0, rows, nll)
+    if reduction == "sum":
+        return total
+    counts = torch.zeros_like(total).index_add(0, rows, torch.ones_like(nll))
+    return total / counts.clamp(min=1)
+
+
+def row_logprobs(model: nn.Module, normed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per answer token log-probabilities, with the row of each (for RePS-style losses)."""
+    logits, targets, rows = answer_logits(model, normed, labels)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None])[:, 0]
+    return logp, rows
+
+
+def steered_tail(
+    model: nn.Module,
+    prefix: Prefix,
+    updates: Sequence[SteeringUpdate],
+    factors: torch.Tensor,
+    *,
+    positions: Positions = "all",
+    until: int | None = None,
+) -> torch.Tensor:
+    """Run the tail with every update applied at per-row ``factors``.
+
+    ``factors`` has ``rows·repeats`` entries (factor-major: the prefix rows, repeated);
+    the number of repeats is inferred from its length.
+    """
+    rows = prefix.hidden.shape[0]
+    if factors.numel() % rows:
+        raise ValueError(f"{factors.numel()} factors do not tile {rows} rows")
+    repeats = factors.numel() // rows
+    mask = prefix.batch.answer_mask.repeat(repeats, 1) if positions == "answer" else None
+    with ExitStack() as stack:
+        for update in updates:
+            stack.enter_context(update.apply(model, factors, token_mask=mask))
+        return run_tail(model, prefix, repeats, until=until)
+
+
+def pair_losses(
+    model: nn.Module,
+    prefix: Prefix,
+    updates: Sequence[SteeringUpdate],
+    factors: torch.Tensor,
+    *,
+    reduction: Reduction = "mean",
+    positions: Positions = "all",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Lp, Ln) per pair and factor for a prefix of pair rows ``[pos_0, neg_0, ...]``.
+
+    ``factors`` has one value per row of the expanded batch; the result has shape
+    (repeats, pairs) each.
+    """
+    normed = steered_tail(model, prefix, updates, factors, positions=positions)
+    repeats = factors.numel() // prefix.hidden.shape[0]
+    labels = prefix.batch.labels.repeat(repeats, 1)
+    losses = row_nll(model, normed, labels, reduction).view(repeats, -1, 2)
+    return losses[..., 0], losses[..., 1]
+
+
+def sweep_factors(pairs: int, factors: Sequence[float]) -> torch.Tensor:
+    """Per-row factors for ``len(factors)`` repeats of a batch of ``pairs`` pairs."""
+    return torch.tensor([f for f in factors for _ in range(2 * pairs)], dtype=torch.float32)
+
+
+def chunks(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for i in range(0, len(seq), size):
+        yield seq[i : i + size]
+

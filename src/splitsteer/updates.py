@@ -1,0 +1,345 @@
+"""One steering intervention in three shapes: ``Δh = m·(x·ΔWᵀ + Δb)``.
+
+=============  ==============  ======  ===========================================
+form           ΔW              Δb      site
+=============  ==============  ======  ===========================================
+vector         none            v       output of decoder layer L (residual stream)
+lora           B·A (rank r)    none    MLP down-projection of layer L
+local_weight   full            Δb      MLP down-projection of layer L
+=============  ==============  ======  ===========================================
+
+The factor ``m`` is never stored: it is supplied when the update is applied, as a scalar
+or one value per example in the batch. Application uses removable forward hooks inside a
+context manager, so nothing outlives the ``with`` block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import ArtifactError, InputError
+from .models import (
+    check_layer,
+    down_proj_path,
+    find_layers,
+    get_module,
+    hidden_size,
+    layer_path,
+    linear_shape,
+    model_id,
+    num_layers,
+)
+
+Form = Literal["vector", "lora", "local_weight"]
+FORMS: tuple[str, ...] = ("vector", "lora", "local_weight")
+PARAM_NAMES: dict[str, tuple[str, ...]] = {
+    "vector": ("delta_b",),
+    "lora": ("lora_a", "lora_b"),
+    "local_weight": ("delta_w", "delta_b"),
+}
+Factor = float | torch.Tensor
+WEIGHTS_FILE = "steer.safetensors"
+META_FILE = "steer.json"
+
+
+def check_form(form: str) -> Form:
+    if form not in FORMS:
+        raise InputError(f"--form: unknown form '{form}' (choose from {', '.join(FORMS)})")
+    return form  # type: ignore[return-value]
+
+
+def site_path(model: nn.Module, form: str, layer: int) -> str:
+    """Where a form acts by default: the layer output (vector) or its down-projection."""
+    return layer_path(model, layer) if check_form(form) == "vector" else down_proj_path(model, layer)
+
+
+@dataclass
+class SteeringUpdate:
+    """A steering update at one site. ``params`` holds the tensors of its form:
+
+    - vector: ``delta_b`` (hidden,)
+    - lora: ``lora_a`` (rank, in), ``lora_b`` (out, rank); ΔW = B·A
+    - local_weight: ``delta_w`` (out, in) and ``delta_b`` (out,)
+
+    ``meta`` records what produced it (method, hyperparameters, data fingerprint, ...).
+    """
+
+    form: Form
+    layer: int
+    site: str
+    params: dict[str, torch.Tensor]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_form(self.form)
+        expected = set(PARAM_NAMES[self.form])
+        if set(self.params) != expected:
+            raise ArtifactError(
+                f"a {self.form} update needs tensors {sorted(expected)}, got {sorted(self.params)}"
+            )
+
+    # -- construction -------------------------------------------------------------
+    @classmethod
+    def zeros(
+        cls,
+        model: nn.Module,
+        form: str,
+        layer: int,
+        *,
+        rank: int = 4,
+        site: str | None = None,
+        init_std: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> "SteeringUpdate":
+        """A new update for ``model``. LoRA's A gets ``init_std`` noise (B starts at 0, as
+        in LoRA, so ΔW = 0 but gradients still flow); other tensors start at zero."""
+        form = check_form(form)
+        layer = check_layer(model, layer)
+        site = site or site_path(model, form, layer)
+        module = get_module(model, site)
+        if form == "vector":
+            params = {"delta_b": torch.zeros(hidden_size(model))}
+        else:
+            out_features, in_features = linear_shape(module)
+            if form == "lora":
+                a = torch.randn(rank, in_features, generator=generator) * (init_std or in_features**-0.5)
+                params = {"lora_a": a, "lora_b": torch.zeros(out_features, rank)}
+            else:
+                params = {
+                    "delta_w": torch.zeros(out_features, in_features),
+                    "delta_b": torch.zeros(out_features),
+                }
+        return cls(form=form, layer=layer, site=site, params=params, meta={"base_model": model_id(model)})
+
+    def parameters(self) -> list[torch.Tensor]:
+        return [self.params[name] for name in PARAM_NAMES[self.form]]
+
+    def requires_grad_(self, flag: bool = True) -> "SteeringUpdate":
+        for tensor in self.parameters():
+            tensor.requires_grad_(flag)
+        return self
+
+    def detach(self) -> "SteeringUpdate":
+        return replace(self, params={k: v.detach().clone() for k, v in self.params.items()})
+
+    # -- the update itself ---------------------------------------------------------
+    def delta_w(self) -> torch.Tensor | None:
+        if self.form == "lora":
+            return self.params["lora_b"] @ self.params["lora_a"]
+        return self.params.get("delta_w")
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """``x·ΔWᵀ + Δb`` for site inputs ``x`` (…, in); for vectors, just Δb."""
+        p = {k: v.to(device=x.device, dtype=x.dtype) for k, v in self.params.items()}
+        if self.form == "vector":
+            return p["delta_b"]
+        if self.form == "lora":
+            return (x @ p["lora_a"].T) @ p["lora_b"].T  # never materialise B·A
+        return x @ p["delta_w"].T + p["delta_b"]
+
+    # -- algebra (repeng-style) ------------------------------------------------------
+    def _check_compatible(self, other: "SteeringUpdate") -> None:
+        if (self.form, self.layer, self.site) != (other.form, other.layer, other.site):
+            raise InputError(
+                f"cannot combine a {self.form} update at {self.site} with a {other.form} update at {other.site}"
+            )
+
+    def __add__(self, other: "SteeringUpdate") -> "SteeringUpdate":
+        self._check_compatible(other)
+        if self.form == "lora":
+            # B1·A1 + B2·A2 = [B1 B2]·[A1; A2]: exact, with the ranks added.
+            params = {
+                "lora_a": torch.cat([self.params["lora_a"], other.params["lora_a"]], dim=0),
+                "lora_b": torch.cat([self.params["lora_b"], other.params["lora_b"]], dim=1),
+            }
+        else:
+            params = {k: self.params[k] + other.params[k] for k in self.params}
+        meta = {"base_model": self.meta.get("base_model"), "method": "combination"}
+        return replace(self, params=params, meta=meta)
+
+    def __mul__(self, scale: float) -> "SteeringUpdate":
+        if not isinstance(scale, (int, float)):
+            return NotImplemented
+        params = dict(self.params)
+        scaled = ("lora_b",) if self.form == "lora" else tuple(self.params)
+        for name in scaled:
+            params[name] = self.params[name] * float(scale)
+        return replace(self, params=params, meta={**self.meta, "scaled_by": float(scale)})
+
+    __rmul__ = __mul__
+
+    def __neg__(self) -> "SteeringUpdate":
+        return self * -1.0
+
+    def __sub__(self, other: "SteeringUpdate") -> "SteeringUpdate":
+        return self + (-other)
+
+    # -- application ---------------------------------------------------------------
+    @contextmanager
+    def apply(
+        self, model: nn.Module, factor: Factor = 1.0, *, token_mask: torch.Tensor | None = None
+    ) -> Iterator["SteeringUpdate"]:
+        """Steer ``model`` inside the block with ``Δh = m·(x·ΔWᵀ + Δb)``.
+
+        ``factor`` is a scalar or a tensor of shape (batch,). ``token_mask`` (batch, seq)
+        limits steering to some positions (e.g. tokens after the prompt). It describes
+        the first forward call; later cached decoding steps only see new tokens, which
+        all come after the prompt, and are steered at every position.
+        """
+        module = get_module(model, self.site)
+        hook = module.register_forward_hook(self._make_hook(factor, token_mask))
+        try:
+            yield self
+        finally:
+            hook.remove()
+
+    def _make_hook(self, factor: Factor, token_mask: torch.Tensor | None) -> Any:
+        def hook(_module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
+            hidden = output[0] if isinstance(output, tuple) else output
+            x = args[0] if args else None
+            delta = self.delta(x) if self.form != "vector" else self.delta(hidden)
+            delta = _scale(delta, factor, token_mask, hidden)
+            steered = hidden + delta
+            if isinstance(output, tuple):
+                return (steered, *output[1:])
+            return steered
+
+        return hook
+
+    # -- persistence ------------------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        return {
+            "form": self.form,
+            "layer": self.layer,
+            "site": self.site,
+            "shapes": {k: list(v.shape) for k, v in self.params.items()},
+            "dtype": str(next(iter(self.params.values())).dtype).removeprefix("torch."),
+            "splitsteer_version": __version__,
+            **self.meta,
+        }
+
+    def save(self, directory: str | os.PathLike[str]) -> Path:
+        """Write ``steer.safetensors`` and ``steer.json`` into ``directory`` atomically."""
+        from safetensors.torch import save_file
+
+        target = Path(directory)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+        try:
+            tensors = {k: v.detach().cpu().contiguous() for k, v in self.params.items()}
+            save_file(tensors, scratch / WEIGHTS_FILE)
+            (scratch / META_FILE).write_text(json.dumps(self.describe(), indent=2, sort_keys=True) + "\n")
+            if target.exists():
+                # Keep any other outputs (logs, sweeps) already in the run directory.
+                for name in (WEIGHTS_FILE, META_FILE):
+                    os.replace(scratch / name, target / name)
+            else:
+                os.replace(scratch, target)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return target
+
+    @classmethod
+    def load(cls, directory: str | os.PathLike[str], model: nn.Module | None = None) -> "SteeringUpdate":
+        """Read an artifact; with ``model``, check that it fits that model."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        path = Path(directory)
+        meta_path, weights_path = path / META_FILE, path / WEIGHTS_FILE
+        if not path.is_dir():
+            raise ArtifactError(f"{path}: steering artifact directory not found")
+        if not meta_path.is_file():
+            raise ArtifactError(f"{meta_path}: missing (a steering artifact needs {META_FILE})")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ArtifactError(f"{meta_path}: invalid JSON ({exc})") from exc
+        if not isinstance(meta, dict):
+            raise ArtifactError(f"{meta_path}: expected a JSON object")
+        missing = [k for k in ("form", "layer", "site") if k not in meta]
+        if missing:
+            raise ArtifactError(f"{meta_path}: missing keys {', '.join(missing)}")
+        if meta["form"] not in FORMS or not isinstance(meta["layer"], int) or not isinstance(meta["site"], str):
+            raise ArtifactError(f"{meta_path}: invalid form, layer or site")
+        if not weights_path.is_file():
+            raise ArtifactError(f"{weights_path}: missing")
+        try:
+            params = load_file(weights_path)
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise ArtifactError(f"{weights_path}: corrupted or truncated ({exc})") from exc
+        shapes = meta.get("shapes", {})
+        for name, tensor in params.items():
+            if name in shapes and list(tensor.shape) != shapes[name]:
+                raise ArtifactError(f"{weights_path}: tensor {name} has shape {list(tensor.shape)}, "
+                                    f"{META_FILE} says {shapes[name]}")
+            if not torch.isfinite(tensor).all():
+                raise ArtifactError(f"{weights_path}: tensor {name} holds NaN or inf")
+        reserved = {"form", "layer", "site", "shapes", "dtype", "splitsteer_version"}
+        extra = {k: v for k, v in meta.items() if k not in reserved}
+        update = cls(form=meta["form"], layer=meta["layer"], site=meta["site"], params=params, meta=extra)
+        if model is not None:
+            update.check(model, source=str(path))
+        return update
+
+    def check(self, model: nn.Module, source: str = "update") -> None:
+        """Raise ArtifactError if this update does not fit ``model``."""
+        name = model_id(model)
+        expected_hidden = self.meta.get("hidden_size")
+        if expected_hidden is not None and expected_hidden != hidden_size(model):
+            raise ArtifactError(f"{source}: made for hidden size {expected_hidden}, {name} has {hidden_size(model)}")
+        expected_layers = self.meta.get("num_layers")
+        if expected_layers is not None and expected_layers != num_layers(model):
+            raise ArtifactError(f"{source}: made for {expected_layers} layers, {name} has {num_layers(model)}")
+        try:
+            module = model.get_submodule(self.site)
+        except AttributeError:
+            raise ArtifactError(f"{source}: site '{self.site}' does not exist in {name}") from None
+        if self.form == "vector":
+            stack, _ = find_layers(model)
+            if not self.site.startswith(stack + "."):
+                raise ArtifactError(f"{source}: vector site '{self.site}' is not a decoder layer of {name}")
+            if self.params["delta_b"].shape != (hidden_size(model),):
+                raise ArtifactError(f"{source}: vector of size {tuple(self.params['delta_b'].shape)} "
+                                    f"does not fit hidden size {hidden_size(model)}")
+            return
+        out_features, in_features = linear_shape(module)
+        delta_w = self.delta_w()
+        assert delta_w is not None
+        if tuple(delta_w.shape) != (out_features, in_features):
+            raise ArtifactError(f"{source}: ΔW of shape {tuple(delta_w.shape)} does not fit "
+                                f"'{self.site}' ({out_features}x{in_features})")
+
+
+def _scale(delta: torch.Tensor, factor: Factor, token_mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
+    """``m·delta`` broadcast to ``hidden`` (batch, seq, dim), with optional position mask."""
+    if isinstance(factor, torch.Tensor) and factor.dim() > 0:
+        if factor.shape[0] != hidden.shape[0]:
+            raise InputError(f"per-example factor has {factor.shape[0]} values for a batch of {hidden.shape[0]}")
+        m = factor.to(device=hidden.device, dtype=hidden.dtype).view(-1, *([1] * (hidden.dim() - 1)))
+    else:
+        m = torch.as_tensor(factor, device=hidden.device, dtype=hidden.dtype)
+    scaled = m * delta
+    if token_mask is not None and hidden.dim() == 3 and token_mask.shape[-1] == hidden.shape[1]:
+        scaled = scaled * token_mask.to(device=hidden.device, dtype=hidden.dtype).unsqueeze(-1)
+    return scaled
+
+
+@contextmanager
+def steer(model: nn.Module, updates: Sequence[tuple[SteeringUpdate, Factor]], **kwargs: Any) -> Iterator[None]:
+    """Apply several updates at once (several layers, several forms)."""
+    with ExitStack() as stack:
+        for update, factor in updates:
+            stack.enter_context(update.apply(model, factor, **kwargs))
+        yield

@@ -1,0 +1,93 @@
+"""Shared fixtures: tiny random models of several families (built from configs, no
+download), the real embedded model (loaded once per session), and the data mirror."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+DATA_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+os.environ.setdefault("SPLITSTEER_DATA_DIR", str(DATA_DIR))
+
+VOCAB = 96
+
+
+def tiny_config(family: str) -> Any:
+    """A 4-layer config of ``family`` small enough to run in milliseconds."""
+    import transformers as tf
+
+    common: dict[str, Any] = dict(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )
+    if family == "llama":
+        return tf.LlamaConfig(**common)
+    if family == "qwen2":
+        return tf.Qwen2Config(**common)
+    if family == "mistral":
+        return tf.MistralConfig(**common)
+    if family == "phi3":
+        return tf.Phi3Config(**common, pad_token_id=0)
+    if family == "gemma2":
+        return tf.Gemma2Config(**common, head_dim=8, final_logit_softcapping=3.0, sliding_window=4)
+    if family == "gemma3":
+        return tf.Gemma3TextConfig(
+            **common, head_dim=8, final_logit_softcapping=3.0, sliding_window=4,
+            layer_types=["sliding_attention", "full_attention"] * 2,
+        )
+    if family == "gpt2":
+        return tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=128)
+    raise ValueError(family)
+
+
+FAMILIES = ("llama", "qwen2", "mistral", "phi3", "gemma2", "gemma3", "gpt2")
+
+
+def tiny_model(family: str = "llama", seed: int = 0) -> torch.nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(family), attn_implementation="eager")
+    # Random biases everywhere they exist, so bias handling is exercised too.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0, 0.02)
+    model.config._name_or_path = f"tiny-{family}"
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+@pytest.fixture(params=FAMILIES)
+def family_model(request: pytest.FixtureRequest) -> torch.nn.Module:
+    return tiny_model(request.param)
+
+
+@pytest.fixture
+def llama() -> torch.nn.Module:
+    return tiny_model("llama")
+
+
+def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (batch, length), generator=g)
+
+
+@pytest.fixture(scope="session")
+def smol() -> tuple[Any, Any]:
+    """The real embedded SmolLM2-135M-Instruct (cached after the first conversion)."""
+    from splitsteer.models import load_model
+
+    return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA_DIR.is_dir():
+        pytest.skip(f"real data mirror not found at {DATA_DIR}")
+    return DATA_DIR
