@@ -238,3 +238,29 @@ def chunks(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
     for i in range(0, len(seq), size):
         yield seq[i : i + size]
 
+
+
+@torch.no_grad()
+def layer_output(model: nn.Module, batch: Batch, layer: int) -> torch.Tensor:
+    """Unsteered output of decoder layer ``layer`` (the vector site), computing nothing above it."""
+    _, layers = find_layers(model)
+    captured: dict[str, torch.Tensor] = {}
+
+    def on_output(_m: nn.Module, _args: Any, output: Any) -> None:
+        captured["h"] = output[0] if isinstance(output, tuple) else output
+        raise _StopForward
+
+    handle = layers[layer].register_forward_hook(on_output)
+    try:
+        model(**{k: v.to(input_device(model)) for k, v in batch.model_inputs().items()}, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return captured["h"]
+
+
+def answer_means(hidden: torch.Tensor, answer_mask: torch.Tensor) -> torch.Tensor:
+    """Per-row mean of ``hidden`` over answer tokens: (rows, dim)."""
+    mask = answer_mask.to(hidden.device, hidden.dtype).unsqueeze(-1)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)

@@ -1,0 +1,108 @@
+"""Sweeps of the steering factor: per-pair Lp and Ln at every factor, and their odds.
+
+All factors of a batch of pairs run as one tail forward with a per-row factor, on the
+activations below the site captured once per batch (:mod:`splitsteer.scoring`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .analysis.odds import summarize
+from .errors import InputError
+from .render import context_length, pad_id, pair_batch, render_pairs
+from .scoring import Positions, Reduction, capture_prefix, chunks, pair_losses, sweep_factors
+from .updates import SteeringUpdate
+
+_RANGE = re.compile(r"^\s*(-?[\d.eE+-]+)\s*:\s*(-?[\d.eE+-]+)\s*:\s*(\d+)\s*$")
+
+
+def parse_factors(spec: str | Sequence[float], *, include_zero: bool = True) -> list[float]:
+    """Parse ``--factors``: a list ``-4,-2,0,2,4`` or a range ``start:stop:count``.
+
+    The result is sorted, de-duplicated and (by default) always contains 0.
+    """
+    if isinstance(spec, str):
+        text = spec.strip()
+        match = _RANGE.match(text)
+        try:
+            if match:
+                start, stop, count = float(match[1]), float(match[2]), int(match[3])
+                if count < 1:
+                    raise ValueError
+                values = [float(v) for v in np.linspace(start, stop, count)] if count > 1 else [start]
+            elif ":" in text:
+                raise ValueError
+            else:
+                values = [float(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise InputError(f"--factors: cannot parse '{spec}' (use '-4,-2,0,2,4' or 'start:stop:count')") from None
+    else:
+        values = [float(v) for v in spec]
+    if not values or any(not math.isfinite(v) for v in values):
+        raise InputError(f"--factors: '{spec}' gives no finite factors")
+    if include_zero:
+        values.append(0.0)
+    return sorted({round(v, 10) + 0.0 for v in values})
+
+
+def sweep_losses(
+    model: nn.Module,
+    tokenizer: Any,
+    updates: Sequence[SteeringUpdate],
+    pairs: Sequence[Any],
+    factor_list: Sequence[float],
+    *,
+    batch_size: int = 8,
+    max_rows: int = 128,
+    reduction: Reduction = "mean",
+    positions: Positions = "all",
+    progress: Callable[[int], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Lp and Ln of shape (factors, pairs). ``max_rows`` bounds rows per tail forward."""
+    if not len(pairs):
+        raise InputError("sweep data is empty")
+    start = min(u.layer for u in updates) if updates else 0
+    rendered = render_pairs(tokenizer, pairs, max_length=context_length(model))
+    lp_out = np.zeros((len(factor_list), len(pairs)))
+    ln_out = np.zeros_like(lp_out)
+    done = 0
+    for group in chunks(rendered, batch_size):
+        batch = pair_batch(group, pad_id(tokenizer))
+        prefix = capture_prefix(model, batch, start)
+        per_call = max(1, max_rows // len(batch))
+        for offset in range(0, len(factor_list), per_call):
+            chunk = list(factor_list[offset : offset + per_call])
+            with torch.no_grad():
+                lp, ln = pair_losses(model, prefix, updates, sweep_factors(len(group), chunk),
+                                     reduction=reduction, positions=positions)
+            lp_out[offset : offset + len(chunk), done : done + len(group)] = lp.cpu().numpy()
+            ln_out[offset : offset + len(chunk), done : done + len(group)] = ln.cpu().numpy()
+        done += len(group)
+        if progress is not None:
+            progress(len(group))
+    return lp_out, ln_out
+
+
+def sweep(
+    model: nn.Module,
+    tokenizer: Any,
+    update: SteeringUpdate | Sequence[SteeringUpdate],
+    pairs: Sequence[Any],
+    factors: Sequence[float] | str = "-20:20:21",
+    **options: Any,
+) -> dict[str, Any]:
+    """Sweep ``update`` over ``factors`` on ``pairs``; returns the ``sweep.json`` payload."""
+    factor_list = parse_factors(factors)
+    updates = [update] if isinstance(update, SteeringUpdate) else list(update)
+    lp, ln = sweep_losses(model, tokenizer, updates, pairs, factor_list, **options)
+    result = summarize(factor_list, lp, ln)
+    result["reduction"] = options.get("reduction", "mean")
+    result["positions"] = options.get("positions", "all")
+    return result
