@@ -91,3 +91,21 @@ def data_dir() -> Path:
     if not DATA_DIR.is_dir():
         pytest.skip(f"real data mirror not found at {DATA_DIR}")
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def trained_vector(smol: tuple[Any, Any], data_dir: Path) -> Any:
+    """The issue's probe: SPLIT, vector, layer 15, 64 power-seeking pairs, 2 epochs (~2 min)."""
+    from splitsteer.data import load_pairs
+    from splitsteer.train import TrainConfig, train_update
+
+    model, tok = smol
+    pairs = load_pairs("power-seeking", "train", limit=64)
+    return train_update(model, tok, pairs, TrainConfig(method="split", form="vector", layer=15, epochs=2)).update
+
+
+@pytest.fixture(scope="session")
+def held_out(data_dir: Path) -> Any:
+    from splitsteer.data import load_pairs
+
+    return load_pairs("power-seeking", "test", limit=24)

@@ -228,12 +228,12 @@ def _optimise(model: nn.Module, update: SteeringUpdate, prepared: list[_Prepared
             n_pairs = len(item.batch) // 2
             m = factor_set[torch.randint(len(factor_set), (n_pairs,), generator=generator)]
             loss, terms = _step_loss(model, update, prefix, item, m, cfg)
-            if not torch.isfinite(loss):
+            if not torch.isfinite(loss.detach()):
                 update.params.update(last_good.params)
                 raise RuntimeFailure(f"loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}; "
                                      "try a lower --lr (the last good update was kept)")
             (loss / cfg.grad_accum).backward()
-            pending.append(float(loss))
+            pending.append(float(loss.detach()))
             examples += n_pairs
             if (position + 1) % cfg.grad_accum == 0 or position + 1 == len(batch_order):
                 grad_norm = torch.nn.utils.clip_grad_norm_(update.parameters(), cfg.max_grad_norm)
@@ -242,7 +242,7 @@ def _optimise(model: nn.Module, update: SteeringUpdate, prepared: list[_Prepared
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
                 row = {"step": step, "epoch": epoch + 1, "loss": sum(pending) / len(pending), "lr": schedule.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), **{k: float(v) for k, v in terms.items()}}
+                       "grad_norm": float(grad_norm), **{k: float(v.detach()) for k, v in terms.items()}}
                 log.append(row)
                 pending.clear()
                 if progress is not None:

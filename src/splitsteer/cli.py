@@ -1,0 +1,517 @@
+"""The ``splitsteer`` command line: a thin layer over the Python API, same names.
+
+Errors raised as :class:`~splitsteer.errors.SplitsteerError` print one line and exit with
+2 (bad input or usage) or 1 (runtime failure); ``--debug`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from .errors import InputError, SplitsteerError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Steer language models with one dynamic weight update, and measure what steering costs.",
+)
+
+# -- shared options --------------------------------------------------------------------
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Embedded name, .gguf file, model directory or hub id.")]
+DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="Device to load the model on (cpu, cuda, ...).")]
+DeviceMapOpt = Annotated[Optional[str], typer.Option("--device-map", help="accelerate device map, e.g. auto.")]
+RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default).")]
+DataOpt = Annotated[str, typer.Option("--data", "-d", help="Registered dataset name or a JSONL/JSON/CSV/Parquet file.")]
+SplitOpt = Annotated[Optional[str], typer.Option(
+    help="train, test or all. Default: train for `train`, test otherwise, for registered datasets; files are used whole.")]
+FieldsOpt = Annotated[Optional[str], typer.Option(help="Column mapping, e.g. prompt=q,positive=a,negative=b.")]
+LimitOpt = Annotated[Optional[int], typer.Option(help="Use only the first N pairs.")]
+DataSeedOpt = Annotated[int, typer.Option("--data-seed", help="Seed of the train/test split.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
+SteerOpt = Annotated[Optional[list[Path]], typer.Option("--steer", help="Steering artifact directory (repeatable).")]
+
+
+def _load_model(model: str, dtype: str, device: str | None, device_map: str | None, trust: bool) -> tuple[Any, Any]:
+    from .models import load_model
+
+    return load_model(model, dtype=dtype, device=device, device_map=device_map, trust_remote_code=trust)
+
+
+def _load_data(data: str, split: str | None, fields: str | None, limit: int | None, seed: int,
+               default_split: str = "test") -> Any:
+    from .data import load_pairs, parse_fields, registered_datasets
+
+    if split is None:
+        split = default_split if data in registered_datasets() else "all"
+    return load_pairs(data, None if split == "all" else split, seed=seed,
+                      fields=parse_fields(fields) if fields else None, limit=limit)
+
+
+def _load_updates(paths: list[Path] | None, model: Any) -> list[Any]:
+    from .updates import SteeringUpdate
+
+    return [SteeringUpdate.load(p, model) for p in paths or []]
+
+
+def _emit(payload: dict[str, Any], as_json: bool, lines: list[str]) -> None:
+    if as_json:
+        from .atomic import json_safe
+
+        typer.echo(json.dumps(json_safe(payload), indent=2, allow_nan=False))
+    else:
+        for line in lines:
+            typer.echo(line)
+
+
+def _progress(total: int, desc: str, unit: str = "it") -> Any:
+    from tqdm.auto import tqdm
+
+    # The library never prints; the CLI shows progress on stderr, and only on a terminal.
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=None, dynamic_ncols=True)
+
+
+def _parse_factors(text: str | None) -> list[float] | None:
+    from .sweep import parse_factors
+
+    return None if text is None else parse_factors(text, include_zero=False)
+
+
+def _parse_weights(text: str | None) -> dict[str, float]:
+    if not text:
+        return {}
+    weights: dict[str, float] = {}
+    for part in text.split(","):
+        key, sep, value = part.partition("=")
+        if not sep or key.strip() not in ("lp", "ln", "gamma", "theta"):
+            raise InputError(f"--weights: cannot parse '{part}' (use lp=1,ln=0.5,gamma=5,theta=0.4)")
+        try:
+            weights[key.strip()] = float(value)
+        except ValueError:
+            raise InputError(f"--weights: '{value}' is not a number") from None
+    return weights
+
+
+# -- commands ---------------------------------------------------------------------------
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False) -> None:
+    """Steer language models with one dynamic weight update, and measure what steering costs."""
+
+
+@app.command()
+def generate(
+    prompt: Annotated[list[str], typer.Option("--prompt", "-p", help="Prompt text (repeatable).")],
+    model: ModelOpt = "smollm2-135m-instruct",
+    steer: SteerOpt = None,
+    factor: Annotated[float, typer.Option(help="Steering factor m.")] = 1.0,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
+    sample: Annotated[bool, typer.Option("--sample", help="Sample instead of greedy decoding.")] = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    positions: Annotated[str, typer.Option(help="all, or answer (steer generated tokens only).")] = "all",
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
+    trust_remote_code: RemoteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Generate text, optionally steered by one or more artifacts at --factor."""
+    from .generation import generate as run_generate
+
+    if positions not in ("all", "answer"):
+        raise InputError(f"--positions: expected all or answer, got '{positions}'")
+    lm, tokenizer = _load_model(model, dtype, device, device_map, trust_remote_code)
+    updates = _load_updates(steer, lm)
+    outputs = run_generate(
+        lm, tokenizer, prompt, steering=[(u, factor) for u in updates], max_new_tokens=max_new_tokens,
+        do_sample=sample, temperature=temperature, seed=seed, batch_size=batch_size, positions=positions,
+    )
+    records = [{"prompt": p, "output": o, "factor": factor if updates else 0.0} for p, o in zip(prompt, outputs)]
+    _emit({"model": model, "steer": [str(s) for s in steer or []], "generations": records}, as_json, outputs)
+
+
+@app.command()
+def train(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory to write.")],
+    model: ModelOpt = "smollm2-135m-instruct",
+    data: DataOpt = "power-seeking",
+    split: SplitOpt = None,
+    method: Annotated[str, typer.Option(help="split, sft, reps or diffmean.")] = "split",
+    form: Annotated[str, typer.Option(help="vector, lora or local_weight.")] = "vector",
+    layer: Annotated[int, typer.Option(help="Decoder layer of the site.")] = 15,
+    epochs: int = 2,
+    lr: Annotated[Optional[float], typer.Option(help="Default 0.08 for vector, 0.01 otherwise.")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    grad_accum: Annotated[int, typer.Option("--grad-accum")] = 1,
+    factors: Annotated[Optional[str], typer.Option(help="Training factors to sample from (list or a:b:n).")] = None,
+    rank: int = 4,
+    seed: int = 0,
+    limit: LimitOpt = None,
+    weights: Annotated[Optional[str], typer.Option(help="SPLIT weights, e.g. lp=1,ln=0.5,gamma=5,theta=0.4.")] = None,
+    bidirectional: Annotated[bool, typer.Option("--bidirectional", help="SFT: also train the negative at -m.")] = False,
+    positions: Annotated[str, typer.Option(help="all, or answer (steer answer tokens only).")] = "all",
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute activations below the site each step.")] = False,
+    fields: FieldsOpt = None,
+    data_seed: DataSeedOpt = 0,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
+    trust_remote_code: RemoteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Train a steering update on polarity-paired data and save it as an artifact."""
+    from pydantic import ValidationError
+
+    from .atomic import write_csv
+    from .objectives import SplitWeights
+    from .train import TrainConfig, train_update
+
+    try:
+        config = TrainConfig(
+            method=method, form=form, layer=layer, epochs=epochs, lr=lr, batch_size=batch_size,
+            grad_accum=grad_accum, factors=_parse_factors(factors), rank=rank, seed=seed,
+            weights=SplitWeights(**_parse_weights(weights)), bidirectional=bidirectional,
+            positions=positions, cache_prefix=not no_cache,
+        )
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise InputError(f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}") from None
+    pairs = _load_data(data, split, fields, limit, data_seed, default_split="train")
+    lm, tokenizer = _load_model(model, dtype, device, device_map, trust_remote_code)
+    steps = math.ceil(math.ceil(len(pairs) / batch_size) / grad_accum) * epochs
+    with _progress(steps, f"train {method}/{form}", "step") as bar:
+        result = train_update(
+            lm, tokenizer, pairs, config, data_fingerprint=pairs.fingerprint(),
+            progress=lambda step, total, row: (bar.update(1), bar.set_postfix(loss=f"{row['loss']:.3f}")),
+        )
+    result.update.meta["data"] = {"name": data, "split": split, "n_pairs": len(pairs), "limit": limit}
+    result.update.save(out)
+    write_csv(out / "train_log.csv", result.log)
+    summary = {
+        "artifact": str(out), "method": method, "form": form, "layer": result.update.layer, "epochs": epochs,
+        "seconds": round(result.seconds, 3), "examples_per_second": round(result.examples_per_second, 3),
+        "final_loss": result.final_loss, "steps": len(result.log), "n_pairs": len(pairs),
+        "final_terms": result.log[-1] if result.log else {},
+    }
+    _emit(summary, as_json, [f"wrote {out} ({method}/{form} at layer {result.update.layer}, "
+                             f"{result.seconds:.1f}s, final loss {result.final_loss:.4f})"])
+
+
+@app.command()
+def sweep(
+    steer: Annotated[list[Path], typer.Option("--steer", help="Steering artifact directory (repeatable).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="sweep.json to write.")],
+    model: ModelOpt = "smollm2-135m-instruct",
+    data: DataOpt = "power-seeking",
+    split: SplitOpt = None,
+    factors: Annotated[str, typer.Option(help="List (-4,-2,0,2,4) or range start:stop:count.")] = "-20:20:21",
+    sum_: Annotated[bool, typer.Option("--sum", help="Summed answer NLL (the paper's Eq. 28) instead of the mean.")] = False,
+    positions: Annotated[str, typer.Option(help="all, or answer (steer answer tokens only).")] = "all",
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    limit: LimitOpt = None,
+    fields: FieldsOpt = None,
+    data_seed: DataSeedOpt = 0,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
+    trust_remote_code: RemoteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per-pair Lp, Ln, PrefOdds and UtilOdds at every factor; writes sweep.json."""
+    from .atomic import write_json
+    from .sweep import parse_factors
+    from .sweep import sweep as run_sweep
+
+    factor_list = parse_factors(factors)
+    pairs = _load_data(data, split, fields, limit, data_seed)
+    lm, tokenizer = _load_model(model, dtype, device, device_map, trust_remote_code)
+    updates = _load_updates(steer, lm)
+    with _progress(len(pairs), "sweep", "pair") as bar:
+        result = run_sweep(lm, tokenizer, updates, pairs, factor_list, batch_size=batch_size,
+                           reduction="sum" if sum_ else "mean", positions=positions, progress=bar.update)
+    result.update(steer=[str(s) for s in steer], data={"name": data, "split": split}, model=model)
+    write_json(out, result)
+    _emit({"out": str(out), **result} if as_json else {}, as_json,
+          [f"wrote {out}: {len(factor_list)} factors x {len(pairs)} pairs, "
+           f"{result['n_util_undefined']} undefined UtilOdds cells"])
+
+
+@app.command()
+def fit(
+    sweep_json: Annotated[Path, typer.Argument(help="sweep.json from `splitsteer sweep`.")],
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="fit.json to write.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="PNG of data, fits and regions.")] = None,
+    train_sweep: Annotated[Optional[Path], typer.Option("--train-sweep", help="Fit on this sweep, score on SWEEP_JSON.")] = None,
+    max_util_drop: Annotated[float, typer.Option("--max-util-drop", help="Allowed UtilOdds drop (nats) for the recommended factor.")] = 1.0,
+    starts: int = 24,
+    seed: int = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fit the rational-quadratic validity-decay models; report R², regions, a factor."""
+    from .analysis.decay import fit_decay, plot_fit, score_fit
+    from .atomic import write_json
+
+    scored = _read_sweep(sweep_json)
+    fitted_on = _read_sweep(train_sweep) if train_sweep else scored
+    result = fit_decay(fitted_on["factors"], fitted_on["pref_odds"], fitted_on["util_odds"],
+                       max_util_drop=max_util_drop, starts=starts, seed=seed)
+    payload = result.to_dict()
+    payload["fitted_on"] = str(train_sweep or sweep_json)
+    if train_sweep:
+        payload["scored_on"] = {"sweep": str(sweep_json),
+                                **score_fit(result, scored["factors"], scored["pref_odds"], scored["util_odds"])}
+    if out:
+        write_json(out, payload)
+    if plot:
+        plot_fit(result, scored["factors"], scored["pref_odds"], scored["util_odds"], plot)
+    rec = payload["recommended"]
+    lines = [
+        f"preference R² {_fmt(payload['preference']['r2'])} (adj {_fmt(payload['preference']['adj_r2'])}), "
+        f"utility R² {_fmt(payload['utility']['r2'])} (adj {_fmt(payload['utility']['adj_r2'])})",
+        f"recommended factor {rec['factor']:.3g}: PrefOdds {rec['pref_odds']:.3f}, UtilOdds {rec['util_odds']:.3f}",
+    ]
+    if train_sweep:
+        lines.append(f"held-out R²: preference {_fmt(payload['scored_on']['preference']['r2'])}, "
+                     f"utility {_fmt(payload['scored_on']['utility']['r2'])}")
+    _emit(payload, as_json, lines)
+
+
+@app.command()
+def manifold(
+    steer: Annotated[Path, typer.Option("--steer", help="Steering artifact directory.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="manifold.json to write.")],
+    model: ModelOpt = "smollm2-135m-instruct",
+    data: DataOpt = "power-seeking",
+    split: SplitOpt = None,
+    factors: Annotated[str, typer.Option(help="List or range start:stop:count.")] = "-20:20:21",
+    plot: Annotated[Optional[Path], typer.Option(help="PNG of projection and off-manifold distance.")] = None,
+    sweep_json: Annotated[Optional[Path], typer.Option("--sweep", help="sweep.json of the same data (else computed).")] = None,
+    variance: Annotated[float, typer.Option(help="Share of variance the PCA subspace keeps.")] = 0.95,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    limit: LimitOpt = None,
+    fields: FieldsOpt = None,
+    data_seed: DataSeedOpt = 0,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
+    trust_remote_code: RemoteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Projection on the concept direction vs distance off the unsteered manifold, per factor."""
+    from .analysis.manifold import manifold_diagnostics, plot_manifold
+    from .atomic import write_json
+    from .sweep import parse_factors
+
+    factor_list = parse_factors(factors)
+    sweep_payload = _read_sweep(sweep_json) if sweep_json else None
+    pairs = _load_data(data, split, fields, limit, data_seed)
+    lm, tokenizer = _load_model(model, dtype, device, device_map, trust_remote_code)
+    (update,) = _load_updates([steer], lm)
+    passes = 2 if sweep_payload else 3
+    with _progress(passes * len(pairs), "manifold", "pair") as bar:
+        result = manifold_diagnostics(lm, tokenizer, update, pairs, factor_list, sweep=sweep_payload,
+                                      variance=variance, batch_size=batch_size, progress=bar.update)
+    write_json(out, result)
+    if plot:
+        plot_manifold(result, plot)
+    _emit(result, as_json, [
+        f"wrote {out}: {result['n_components']} components keep {variance:.0%} of the variance",
+        f"Spearman(UtilOdds, off-manifold) = {_fmt(result['spearman_util_vs_off_manifold'])}, "
+        f"Spearman(PrefOdds, projection) = {_fmt(result['spearman_pref_vs_projection'])}",
+    ])
+
+
+@app.command("eval")
+def evaluate(
+    task: Annotated[str, typer.Option(help="ab (A/B accuracy) or generate (steered generations).")] = "ab",
+    model: ModelOpt = "smollm2-135m-instruct",
+    steer: SteerOpt = None,
+    factor: Annotated[float, typer.Option(help="Steering factor m.")] = 1.0,
+    select_factors: Annotated[Optional[str], typer.Option(
+        "--select-factors", help="ab: choose the factor among these on one half, report on the other.")] = None,
+    data: DataOpt = "power-seeking-ab",
+    split: SplitOpt = None,
+    prompts: Annotated[Optional[Path], typer.Option(help="generate: a text file, one prompt per line.")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="ab: eval.json; generate: outputs .jsonl.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
+    sample: Annotated[bool, typer.Option("--sample")] = False,
+    temperature: float = 1.0,
+    seed: int = 0,
+    metrics: Annotated[bool, typer.Option(help="generate: fluency entropy and perplexity.")] = True,
+    judge: Annotated[str, typer.Option(help="generate: none, hf (local, weak) or openai (any compatible endpoint).")] = "none",
+    judge_model: Annotated[Optional[str], typer.Option("--judge-model")] = None,
+    concept: Annotated[str, typer.Option(help="generate: the concept the judge looks for.")] = "power-seeking",
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    limit: LimitOpt = None,
+    fields: FieldsOpt = None,
+    data_seed: DataSeedOpt = 0,
+    dtype: DtypeOpt = "float32",
+    device: DeviceOpt = None,
+    device_map: DeviceMapOpt = None,
+    trust_remote_code: RemoteOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """A/B accuracy beside the unsteered baseline, or steered generations with metrics and judges."""
+    from .atomic import write_json
+    from .evaluate import ab_eval, ab_factor_selection, generate_eval, generation_metrics, write_jsonl
+
+    if task not in ("ab", "generate"):
+        raise InputError(f"--task: expected ab or generate, got '{task}'")
+    if judge not in ("none", "hf", "openai"):
+        raise InputError(f"--judge: expected none, hf or openai, got '{judge}'")
+    prompt_list = _read_prompts(prompts) if task == "generate" else []
+    pairs = _load_data(data, split, fields, limit, data_seed) if task == "ab" else None
+    lm, tokenizer = _load_model(model, dtype, device, device_map, trust_remote_code)
+    updates = _load_updates(steer, lm)
+    if task == "ab":
+        assert pairs is not None
+        payload: dict[str, Any] = {"task": "ab", "data": data, "split": split}
+        if select_factors:
+            chosen = ab_factor_selection(lm, tokenizer, updates, pairs, _parse_factors(select_factors) or [], seed)
+            payload["selection"] = chosen
+            factor = float(chosen["factor"])
+        payload.update(ab_eval(lm, tokenizer, updates, pairs, factor, batch_size=batch_size))
+        if out:
+            write_json(out, payload)
+        b, s = payload["baseline"], payload["steered"]
+        _emit(payload, as_json, [
+            f"A/B accuracy on {b['n']} items: unsteered {b['accuracy']:.3f} -> {s['accuracy']:.3f} at m={factor:g}",
+            f"mean PrefOdds: unsteered {b['mean_pref_odds']:.3f} -> {s['mean_pref_odds']:.3f}",
+        ])
+        return
+    records = generate_eval(lm, tokenizer, updates, prompt_list, factor, max_new_tokens=max_new_tokens,
+                            do_sample=sample, temperature=temperature, seed=seed, batch_size=batch_size)
+    outputs = [r["output"] for r in records]
+    summary: dict[str, Any] = {"task": "generate", "factor": factor, "n": len(records)}
+    if metrics:
+        summary["metrics"] = generation_metrics(lm, tokenizer, prompt_list, outputs)
+    if judge != "none":
+        from .judges import HFJudge, OpenAIJudge, aggregate, judge_outputs
+
+        judge_impl = OpenAIJudge(model=judge_model) if judge == "openai" else HFJudge(lm, tokenizer)
+        summary["judges"] = aggregate(judge_outputs(judge_impl, [(concept, p, o) for p, o in zip(prompt_list, outputs)]))
+    if out:
+        write_jsonl(records, out)
+    _emit({**summary, "generations": records}, as_json, [f"[{r['prompt']}]\n{r['output']}\n" for r in records])
+
+
+def _read_prompts(path: Path | None) -> list[str]:
+    if path is None:
+        from .run import DEFAULT_PROMPTS
+
+        return list(DEFAULT_PROMPTS)
+    if not path.is_file():
+        raise InputError(f"{path}: prompts file not found")
+    prompts = [line.strip() for line in path.read_text(errors="replace").splitlines() if line.strip()]
+    if not prompts:
+        raise InputError(f"{path}: no prompts (one per line)")
+    return prompts
+
+
+@app.command()
+def run(
+    experiment: Annotated[Path, typer.Argument(help="experiment.yaml")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Experiment directory.")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Run a grid of model × dataset × method × form × layer; finished runs are skipped."""
+    from .run import load_config
+
+    _run_and_report(load_config(experiment), out, as_json)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Experiment directory.")] = Path("runs/demo"),
+    dataset: Annotated[str, typer.Option(help="power-seeking (default) or psychopathy.")] = "power-seeking",
+    full: Annotated[bool, typer.Option("--full", help="Paper-sized splits and budgets (hours on a CPU).")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """The built-in experiment: SPLIT/SFT/RePS/DiffMean vectors plus SPLIT LoRA and local weight."""
+    from .run import demo_config
+
+    _run_and_report(demo_config(dataset, full), out, as_json)
+
+
+def _run_and_report(config: Any, out: Path, as_json: bool) -> None:
+    from .report import format_table, results_table
+    from .run import run_experiment
+
+    started = time.perf_counter()
+    results = run_experiment(config, out, log=lambda msg: typer.echo(msg, err=True))
+    seconds = time.perf_counter() - started
+    report = out / "report.html"
+    _emit({"results": str(out / "results.json"), "report": str(report), "seconds": round(seconds, 1),
+           "table": results_table(results)}, as_json,
+          [format_table(results_table(results)), "", f"{len(results['runs'])} runs in {seconds:.0f}s",
+           f"report: {report.resolve()}"])
+
+
+def _fmt(value: float | None) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def _read_sweep(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise InputError(f"{path}: sweep file not found")
+    try:
+        payload = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InputError(f"{path}: invalid JSON ({exc})") from None
+    missing = [k for k in ("factors", "pref_odds", "util_odds") if not isinstance(payload, dict) or k not in payload]
+    if missing:
+        raise InputError(f"{path}: not a sweep.json (missing {', '.join(missing)})")
+    return payload
+
+
+# -- entry point --------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> int:
+    import click
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in args
+    args = [a for a in args if a != "--debug"]  # accepted anywhere on the line
+    try:
+        result = app(args=args, prog_name="splitsteer", standalone_mode=False)
+        return int(result or 0)
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code)
+    except click.exceptions.Abort:
+        typer.echo("splitsteer: interrupted", err=True)
+        return 130
+    except click.ClickException as exc:
+        exc.show()
+        return 2
+    except KeyboardInterrupt:
+        typer.echo("splitsteer: interrupted; no partial outputs were written", err=True)
+        return 130
+    except SplitsteerError as exc:
+        if debug:
+            traceback.print_exc()
+        typer.echo(f"splitsteer: error: {exc}", err=True)
+        return exc.exit_code
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, exit 1
+        if debug:
+            traceback.print_exc()
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        typer.echo(f"splitsteer: error: {type(exc).__name__}: {message} (rerun with --debug for details)", err=True)
+        return 1
+
+
+def _entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":  # pragma: no cover
+    _entry()
+
