@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import itertools
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Literal
 
@@ -128,10 +129,13 @@ class ExperimentConfig(_Strict):
         for spec in specs:
             if spec.method == "diffmean" and spec.form != "vector":
                 raise ValueError(f"run {spec.name or ''}: diffmean is defined for form vector only")
-            parts = [spec.dataset, spec.method, spec.form, f"L{spec.layer}"]
+            parts = [Path(str(spec.dataset)).stem, spec.method, spec.form, f"L{spec.layer}"]
             if len(self.models) > 1 or self.runs is not None and len({s.model for s in specs}) > 1:
                 parts.insert(0, Path(str(spec.model)).name)
-            named.append(spec.model_copy(update={"name": spec.name or "-".join(str(p) for p in parts)}))
+            name = spec.name or "-".join(str(p) for p in parts)
+            if not re.fullmatch(r"[A-Za-z0-9._-]+", name) or name in (".", ".."):
+                raise ValueError(f"run name '{name}' must use only letters, digits, '.', '_' and '-'")
+            named.append(spec.model_copy(update={"name": name}))
         names = [s.name for s in named]
         duplicates = {n for n in names if names.count(n) > 1}
         if duplicates:

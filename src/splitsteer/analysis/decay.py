@@ -133,6 +133,10 @@ class DecayFit:
     recommended: dict
     factor_range: tuple[float, float] = field(default=(0.0, 0.0))
 
+    @property
+    def recommended_factor(self) -> float:
+        return float(self.recommended["factor"])
+
     def to_dict(self) -> dict:
         """The fit.json payload (strict JSON: no NaN/inf, only None)."""
         return {
