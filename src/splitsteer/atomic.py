@@ -1,6 +1,8 @@
 """Atomic file writes: a temp file in the target's folder, then a rename.
 
-An interrupted run therefore never leaves a half-written output behind.
+An interrupted run therefore never leaves a half-written output behind. Every file splitsteer
+writes goes through here (folders built whole go through :func:`scratch_dir`), so the logic
+lives in one place.
 """
 
 from __future__ import annotations
@@ -10,9 +12,15 @@ import io
 import json
 import math
 import os
+import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
+
+# mkstemp/mkdtemp create 0600/0700 entries; outputs should get the usual umask-based modes.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
@@ -22,11 +30,26 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
+        os.chmod(tmp, 0o666 & ~_UMASK)
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     return target
+
+
+@contextmanager
+def scratch_dir(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temp folder beside ``target`` to build a whole folder in, then ``os.replace`` it onto
+    ``target``; whatever is left of it (an interruption, an error) is removed on exit."""
+    final = Path(target)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{final.name}-", suffix=".tmp", dir=final.parent))
+    try:
+        os.chmod(scratch, 0o777 & ~_UMASK)
+        yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -50,7 +73,8 @@ def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
     return write_text(path, json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")
 
 
-def write_csv(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> Path:
+def csv_text(rows: Iterable[dict[str, Any]]) -> str:
+    """Rows as CSV; the columns are the union of the rows' keys, in first-seen order."""
     rows = list(rows)
     columns: list[str] = []
     for row in rows:
@@ -59,7 +83,16 @@ def write_csv(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> P
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
     writer.writerows(rows)
-    return write_text(path, buffer.getvalue())
+    return buffer.getvalue()
+
+
+def write_csv(path: str | os.PathLike[str], rows: Iterable[dict[str, Any]]) -> Path:
+    return write_text(path, csv_text(rows))
+
+
+def write_jsonl(path: str | os.PathLike[str], records: Iterable[Any]) -> Path:
+    """One JSON object per line (UTF-8, not ASCII-escaped)."""
+    return write_text(path, "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records))
 
 
 def write_png(figure: Any, path: str | os.PathLike[str], **savefig: Any) -> Path:

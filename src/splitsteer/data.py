@@ -15,7 +15,6 @@ import json
 import os
 import random
 import re
-import tempfile
 import urllib.error
 import urllib.request
 from collections.abc import Iterator, Mapping, Sequence
@@ -23,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, overload
 
+from splitsteer.atomic import write_bytes
 from splitsteer.errors import InputError
 
 __all__ = [
@@ -648,19 +648,9 @@ def _download(file: DataFile, target: Path) -> bytes:
     if actual != file.sha256:
         raise _error(f"{url}: SHA-256 mismatch (expected {file.sha256}, got {actual}); download refused")
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    except OSError as exc:
-        raise _error(f"{target.parent}: cannot write to the cache ({exc.strerror or exc})") from None
-    temp = Path(temp_name)
-    try:
-        with os.fdopen(handle, "wb") as out:
-            out.write(data)
-        os.replace(temp, target)
+        write_bytes(target, data)
     except OSError as exc:
         raise _error(f"{target}: cannot write to the cache ({exc.strerror or exc})") from None
-    finally:
-        temp.unlink(missing_ok=True)
     return data
 
 

@@ -18,10 +18,8 @@ allows (per-row factors), so a baseline or a factor sweep costs little more than
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -30,11 +28,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import atomic
 from .data import Pair
 from .errors import InputError
 from .generation import generate
 from .judges import fluency_entropy, perplexity
-from .render import collate, context_length, pad_id, render
+from .render import TruncationPolicy, collate, context_length, pad_id, render
 from .scoring import Reduction, capture_prefix, chunks, row_nll, steered_tail
 from .updates import SteeringUpdate
 
@@ -101,6 +100,7 @@ def option_logprobs(
     batch_size: int = 8,
     reduction: Reduction = "sum",
     max_rows: int = MAX_ROWS,
+    truncation: TruncationPolicy = "error",
 ) -> list[np.ndarray]:
     """Per item, the log-probability of each option at each factor: arrays (factors, options).
 
@@ -108,7 +108,8 @@ def option_logprobs(
     answer token (for options of different lengths). Per batch of ``batch_size`` items there is one
     unsteered capture below the first steered layer; all factors then run as per-row factors in
     tail forwards of at most ``max_rows`` rows (at least one factor each). Factor 0, or no updates,
-    is the unsteered model.
+    is the unsteered model. ``truncation`` is the policy for items longer than the model context
+    (see :func:`splitsteer.render.render`).
     """
     reduction = _check_reduction(reduction)
     factor_list = _check_factors(factors)
@@ -123,7 +124,7 @@ def option_logprobs(
     results: list[np.ndarray] = []
     for group_index in chunks(range(len(items)), batch_size):
         rendered = [
-            render(tokenizer, items[i].prompt, option, max_length=limit)
+            render(tokenizer, items[i].prompt, option, max_length=limit, truncation=truncation)
             for i in group_index
             for option in options[i]
         ]
@@ -183,6 +184,7 @@ def ab_accuracy(
     *,
     batch_size: int = 8,
     reduction: Reduction = "sum",
+    truncation: TruncationPolicy = "error",
 ) -> dict[str, Any]:
     """A/B accuracy of ``items`` under ``updates`` at ``factor``: accuracy, mean_pref_odds, n.
 
@@ -190,7 +192,8 @@ def ab_accuracy(
     token counts, so the sum is the probability of the answer itself; use ``"mean"`` when options
     differ in length. With no updates or factor 0 this is the unsteered baseline.
     """
-    logps = option_logprobs(model, tokenizer, updates, items, [factor], batch_size=batch_size, reduction=reduction)
+    logps = option_logprobs(model, tokenizer, updates, items, [factor], batch_size=batch_size, reduction=reduction,
+                           truncation=truncation)
     return {**_ab_summary(logps, _keys(items), 0, range(len(items))), "reduction": reduction}
 
 
@@ -203,6 +206,7 @@ def ab_eval(
     *,
     batch_size: int = 8,
     reduction: Reduction = "sum",
+    truncation: TruncationPolicy = "error",
 ) -> dict[str, Any]:
     """The unsteered baseline beside the steered figure: {"factor", "baseline", "steered"}.
 
@@ -211,7 +215,8 @@ def ab_eval(
     """
     factor = _check_factors([factor])[0]
     factors = [0.0] if factor == 0 else [0.0, factor]
-    logps = option_logprobs(model, tokenizer, updates, items, factors, batch_size=batch_size, reduction=reduction)
+    logps = option_logprobs(model, tokenizer, updates, items, factors, batch_size=batch_size, reduction=reduction,
+                           truncation=truncation)
     keys = _keys(items)
     baseline = {**_ab_summary(logps, keys, 0, range(len(items))), "reduction": reduction}
     steered = {**_ab_summary(logps, keys, len(factors) - 1, range(len(items))), "reduction": reduction}
@@ -287,6 +292,7 @@ def ab_factor_selection(
     batch_size: int = 8,
     reduction: Reduction = "sum",
     max_rows: int = MAX_ROWS,
+    truncation: TruncationPolicy = "error",
 ) -> dict[str, Any]:
     """:func:`select_factor` with A/B accuracy as the score (ties: mean_pref_odds, then |factor|).
 
@@ -296,7 +302,8 @@ def ab_factor_selection(
     """
     factor_list = list(dict.fromkeys(_check_factors(factors)))
     logps = option_logprobs(
-        model, tokenizer, updates, items, factor_list, batch_size=batch_size, reduction=reduction, max_rows=max_rows
+        model, tokenizer, updates, items, factor_list, batch_size=batch_size, reduction=reduction, max_rows=max_rows,
+        truncation=truncation,
     )
     keys = _keys(items)
     position = {f: k for k, f in enumerate(factor_list)}
@@ -366,18 +373,7 @@ def generate_eval(
 
 def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | os.PathLike[str]) -> Path:
     """Write one JSON object per line, atomically: readers see the old file or the whole new one."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
-    temp = Path(temp_name)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            for record in records:
-                out.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(temp, target)
-    finally:
-        temp.unlink(missing_ok=True)
-    return target
+    return atomic.write_jsonl(path, records)
 
 
 def _steering_hook_active(model: nn.Module) -> bool:

@@ -10,15 +10,15 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import shutil
-import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
+from .atomic import scratch_dir
 from .errors import ModelError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -107,14 +107,10 @@ def _convert_gguf(gguf_path: Path, target: Path, model_id: str) -> None:
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config._name_or_path = model_id
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
-    try:
+    with scratch_dir(target) as scratch:
         model.save_pretrained(scratch)
         tokenizer.save_pretrained(scratch)
         os.replace(scratch, target)  # atomic: a half-written cache is never visible
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _file_key(path: Path) -> str:
@@ -139,6 +135,10 @@ def resolve_model_dir(name_or_path: str) -> tuple[str | Path, str]:
             _convert_gguf(entry.locate(package_dir, scratch), target, name_or_path)
         return target, name_or_path
     path = Path(name_or_path).expanduser()
+    if not path.exists() and _looks_like_path(name_or_path):
+        # Hub ids are "name" or "org/name": anything else is a local path that is missing,
+        # and must not turn into a download attempt.
+        raise ModelError(f"{path}: model not found (no such file or directory)")
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"{path}: GGUF file not found")
@@ -155,6 +155,26 @@ def resolve_model_dir(name_or_path: str) -> tuple[str | Path, str]:
     return name_or_path, name_or_path  # a hub id: transformers resolves (and may download) it
 
 
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name
+
+
+@contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """The library never prints: silence transformers' progress bars and warnings while loading."""
+    from transformers.utils import logging as hf_logging
+
+    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
     name_or_path: str = DEFAULT_MODEL,
     *,
@@ -167,19 +187,25 @@ def load_model(
 
     ``name_or_path`` is an embedded name (see :data:`EMBEDDED`), a ``.gguf`` file, a local
     directory or a hub id. GGUF models are dequantised once and cached under
-    ``$SPLITSTEER_CACHE/models``.
+    ``$SPLITSTEER_CACHE/models``. Weights are read from safetensors only, and code shipped
+    with a model runs only with ``trust_remote_code=True``.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if dtype not in DTYPES:
         raise ModelError(f"--dtype: unknown dtype '{dtype}' (choose from {', '.join(DTYPES)})")
-    source, model_id = resolve_model_dir(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=DTYPES[dtype], device_map=device_map, trust_remote_code=trust_remote_code
-        )
-    except OSError as exc:
+        with _quiet_transformers():
+            source, model_id = resolve_model_dir(name_or_path)
+            tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=DTYPES[dtype], device_map=device_map, trust_remote_code=trust_remote_code,
+                use_safetensors=True,  # never unpickle a .bin checkpoint
+            )
+    except (OSError, ValueError) as exc:
+        if "trust_remote_code" in str(exc):
+            raise ModelError(f"cannot load model '{name_or_path}': it needs code from its repository; "
+                             "pass --trust-remote-code only if you trust it") from exc
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model '{name_or_path}': {first_line}") from exc
     if device is not None and device_map is None:

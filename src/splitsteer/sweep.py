@@ -16,10 +16,12 @@ from torch import nn
 
 from .analysis.odds import summarize
 from .errors import InputError
-from .render import context_length, pad_id, pair_batch, render_pairs
+from .render import TruncationPolicy, context_length, pad_id, pair_batch, render_pairs
 from .scoring import Positions, Reduction, capture_prefix, chunks, pair_losses, sweep_factors
 from .updates import SteeringUpdate
 
+#: The most factors a range may ask for (a typo like 0:1:1e9 must not exhaust memory).
+MAX_FACTORS = 10_000
 _RANGE = re.compile(r"^\s*(-?[\d.eE+-]+)\s*:\s*(-?[\d.eE+-]+)\s*:\s*(\d+)\s*$")
 
 
@@ -36,6 +38,8 @@ def parse_factors(spec: str | Sequence[float], *, include_zero: bool = True) -> 
                 start, stop, count = float(match[1]), float(match[2]), int(match[3])
                 if count < 1:
                     raise ValueError
+                if count > MAX_FACTORS:
+                    raise InputError(f"--factors: a range of {count} factors; at most {MAX_FACTORS}")
                 values = [float(v) for v in np.linspace(start, stop, count)] if count > 1 else [start]
             elif ":" in text:
                 raise ValueError
@@ -64,16 +68,20 @@ def sweep_losses(
     reduction: Reduction = "mean",
     positions: Positions = "all",
     progress: Callable[[int], None] | None = None,
+    truncation: TruncationPolicy = "error",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Lp and Ln of shape (factors, pairs). ``max_rows`` bounds rows per tail forward."""
+    """Lp and Ln of shape (factors, pairs). ``max_rows`` bounds rows per tail forward;
+    ``truncation`` is the policy for pairs longer than the model context (see ``render``)."""
     if not len(pairs):
         raise InputError("sweep data is empty")
     start = min(u.layer for u in updates) if updates else 0
-    rendered = render_pairs(tokenizer, pairs, max_length=context_length(model))
+    rendered = render_pairs(tokenizer, pairs, max_length=context_length(model), truncation=truncation)
     lp_out = np.zeros((len(factor_list), len(pairs)))
     ln_out = np.zeros_like(lp_out)
-    done = 0
-    for group in chunks(rendered, batch_size):
+    # Batches of similar lengths waste far less on padding (35% → 10% on BiPO's prompts).
+    order = sorted(range(len(rendered)), key=lambda i: max(len(r.ids) for r in rendered[i]))
+    for indices in chunks(order, batch_size):
+        group = [rendered[i] for i in indices]
         batch = pair_batch(group, pad_id(tokenizer))
         prefix = capture_prefix(model, batch, start)
         per_call = max(1, max_rows // len(batch))
@@ -82,9 +90,8 @@ def sweep_losses(
             with torch.no_grad():
                 lp, ln = pair_losses(model, prefix, updates, sweep_factors(len(group), chunk),
                                      reduction=reduction, positions=positions)
-            lp_out[offset : offset + len(chunk), done : done + len(group)] = lp.cpu().numpy()
-            ln_out[offset : offset + len(chunk), done : done + len(group)] = ln.cpu().numpy()
-        done += len(group)
+            lp_out[offset : offset + len(chunk), list(indices)] = lp.cpu().numpy()
+            ln_out[offset : offset + len(chunk), list(indices)] = ln.cpu().numpy()
         if progress is not None:
             progress(len(group))
     return lp_out, ln_out
@@ -105,4 +112,5 @@ def sweep(
     result = summarize(factor_list, lp, ln)
     result["reduction"] = options.get("reduction", "mean")
     result["positions"] = options.get("positions", "all")
+    result["truncation"] = options.get("truncation", "error")
     return result

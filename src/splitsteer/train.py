@@ -117,6 +117,9 @@ ProgressFn = Callable[[int, int, dict[str, float]], None]
 
 def _prepare(model: nn.Module, tokenizer: Any, pairs: Sequence[Any], cfg: TrainConfig, order: list[int]) -> list[_PreparedBatch]:
     rendered = render_pairs(tokenizer, pairs, max_length=context_length(model))
+    # Group pairs of similar length (after the seeded shuffle, which breaks ties) so batches
+    # carry little padding; batch order is still reshuffled every epoch.
+    order = sorted(order, key=lambda i: max(len(r.ids) for r in rendered[i]))
     return [
         _PreparedBatch(pair_batch([rendered[i] for i in idx], pad_id(tokenizer)))
         for idx in chunks(order, cfg.batch_size)

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,6 +38,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 from scipy.optimize import minimize
 
+from splitsteer.atomic import write_png
 from splitsteer.errors import InputError, RuntimeFailure
 
 DECAY_NAMES = ("m_pos", "L_pos", "p_pos", "m_neg", "L_neg", "p_neg")
@@ -591,7 +591,7 @@ def plot_fit(
 ) -> Path:
     """Plot data, fitted curves, shaded regions and the recommended factor; write the PNG atomically.
 
-    Atomic (temp file in the same folder, then os.replace) so a reader never sees half a PNG.
+    Written with :func:`splitsteer.atomic.write_png`, so a reader never sees half a PNG.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -627,12 +627,4 @@ def plot_fit(
     ax.set_ylabel("log-odds (nats)")
     ax.legend(fontsize="small", loc="best")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=120)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_png(fig, target, dpi=120)

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +44,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from splitsteer.atomic import write_png
 from splitsteer.errors import InputError
 from splitsteer.models import hidden_size, layer_path
 from splitsteer.objectives import diffmean
-from splitsteer.render import context_length, pad_id, pair_batch, render_pairs
+from splitsteer.render import TruncationPolicy, context_length, pad_id, pair_batch, render_pairs
 from splitsteer.scoring import (
     Positions,
     answer_means,
@@ -177,6 +177,7 @@ def manifold_diagnostics(
     max_rows: int = 128,
     positions: Positions = "all",
     progress: Callable[[int], None] | None = None,
+    truncation: TruncationPolicy = "error",
 ) -> dict[str, Any]:
     """Projection on the concept direction and distance off the manifold at each factor.
 
@@ -184,7 +185,8 @@ def manifold_diagnostics(
     are parsed like ``--factors`` (sorted, 0 included). ``sweep`` is the ``sweep.json`` payload
     of the same update and pairs; if None it is computed here with the same options. ``progress``
     is called with the number of pairs done after each batch of each pass: two passes, three when
-    the sweep is computed here.
+    the sweep is computed here. ``truncation`` is the policy for pairs longer than the model
+    context (see :func:`splitsteer.render.render`).
     """
     _check_variance(variance)
     if positions not in POSITIONS:
@@ -195,7 +197,7 @@ def manifold_diagnostics(
         raise InputError("manifold data is empty")
     _check_site(model, update)
     factor_list = parse_factors(factors)
-    rendered = render_pairs(tokenizer, pairs, max_length=context_length(model))
+    rendered = render_pairs(tokenizer, pairs, max_length=context_length(model), truncation=truncation)
     batches = [pair_batch(group, pad_id(tokenizer)) for group in chunks(rendered, batch_size)]
 
     # Pass 1: the unsteered manifold and the concept direction.
@@ -247,7 +249,7 @@ def manifold_diagnostics(
     if sweep is None:
         sweep_source = "computed"
         sweep = run_sweep(model, tokenizer, update, pairs, factor_list, batch_size=batch_size,
-                          max_rows=max_rows, positions=positions, progress=progress)
+                          max_rows=max_rows, positions=positions, progress=progress, truncation=truncation)
     else:
         sweep_source = "given"
     pref, util = align_sweep(factor_list, sweep)
@@ -280,7 +282,7 @@ def plot_manifold(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Projection and off-manifold distance against m, two panels; write the PNG atomically.
 
     Each panel also shows the sweep's log-odds it is correlated with (second y-axis) when the
-    result carries them. Atomic (temp file in the same folder, then os.replace) so a reader never
+    result carries them. Written atomically (:func:`splitsteer.atomic.write_png`), so a reader never
     sees half a PNG.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -305,14 +307,14 @@ def plot_manifold(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     axes = fig.subplots(2, 1, sharex=True)
     for ax, (key, odds_key, odds_name, rho_key, label) in zip(axes, panels):
         xs, ys = _defined_points(m, series[key])
-        ax.plot(xs, ys, "o-", color="C0", ms=4, label=f"{label} (/ normaliser)")
-        ax.set_ylabel(label, color="C0")
+        ax.plot(xs, ys, "o-", color="C0", ms=4)
+        ax.set_ylabel(f"{key.replace('_', '-')} / normaliser", color="C0")
         odds = result.get(odds_key)
         if isinstance(odds, list) and len(odds) == len(m):
             ox, oy = _defined_points(m, odds)
             if ox:
                 twin = ax.twinx()
-                twin.plot(ox, oy, "s--", color="C1", ms=3, label=odds_name)
+                twin.plot(ox, oy, "s--", color="C1", ms=3)
                 twin.set_ylabel(f"{odds_name} (nats)", color="C1")
         ax.set_title(f"{label}: Spearman vs {odds_name} = {_fmt(result.get(rho_key))}", fontsize="medium")
         ax.axvline(0.0, color="0.7", lw=0.8)
@@ -320,15 +322,7 @@ def plot_manifold(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     fig.suptitle(f"layer {result.get('layer', '?')}, {result.get('n_components', '?')} components "
                  f"({_fmt(result.get('variance'))} of variance)", fontsize="medium")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            fig.savefig(handle, format="png", dpi=120)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    return write_png(fig, target, dpi=120)
 
 
 # ----------------------------------------------------------------------------- helpers
