@@ -422,12 +422,15 @@ def _read_prompts(path: Path | None) -> list[str]:
 def run(
     experiment: Annotated[Path, typer.Argument(help="experiment.yaml")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Experiment directory.")],
+    workers: Annotated[int, typer.Option(help="Spread the runs over N processes.")] = 1,
     as_json: JsonOpt = False,
 ) -> None:
     """Run a grid of model × dataset × method × form × layer; finished runs are skipped."""
     from .run import load_config
 
-    _run_and_report(load_config(experiment), out, as_json)
+    if workers < 1:
+        raise InputError(f"--workers: must be at least 1, got {workers}")
+    _run_and_report(load_config(experiment), out, as_json, workers)
 
 
 @app.command()
@@ -443,18 +446,59 @@ def demo(
     _run_and_report(demo_config(dataset, full), out, as_json)
 
 
-def _run_and_report(config: Any, out: Path, as_json: bool) -> None:
+def _run_and_report(config: Any, out: Path, as_json: bool, workers: int = 1) -> None:
     from .report import format_table, results_table
     from .run import run_experiment
 
     started = time.perf_counter()
-    results = run_experiment(config, out, log=lambda msg: typer.echo(msg, err=True))
+    results = run_experiment(config, out, log=lambda msg: typer.echo(msg, err=True), workers=workers)
     seconds = time.perf_counter() - started
     report = out / "report.html"
     _emit({"results": str(out / "results.json"), "report": str(report), "seconds": round(seconds, 1),
            "table": results_table(results)}, as_json,
           [format_table(results_table(results)), "", f"{len(results['runs'])} runs in {seconds:.0f}s",
            f"report: {report.resolve()}"])
+
+
+@app.command("export")
+def export(
+    paths: Annotated[list[Path], typer.Argument(help="Artifact directories, then the output path.")],
+    to: Annotated[str, typer.Option("--to", help="peft (LoRA/local weight) or gguf (llama.cpp control vector).")],
+    as_json: JsonOpt = False,
+) -> None:
+    """Export artifacts: a PEFT adapter, or vectors as one llama.cpp control vector."""
+    from .interop import to_gguf, to_peft
+    from .updates import SteeringUpdate
+
+    if len(paths) < 2:
+        raise InputError("export: give one or more artifact directories and then the output path")
+    *sources, out = paths
+    updates = [SteeringUpdate.load(p) for p in sources]
+    if to == "peft":
+        if len(updates) != 1:
+            raise InputError("export --to peft: give exactly one artifact")
+        to_peft(updates[0], None, out)
+    elif to == "gguf":
+        to_gguf(updates, out, model_hint=updates[0].meta.get("base_model"))
+    else:
+        raise InputError(f"--to: expected peft or gguf, got '{to}'")
+    _emit({"out": str(out), "to": to, "artifacts": [str(s) for s in sources]}, as_json, [f"wrote {out}"])
+
+
+@app.command("import")
+def import_(
+    source: Annotated[Path, typer.Argument(help="A llama.cpp or repeng control vector (.gguf).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Artifact directory (one per layer: OUT/layer-N).")],
+    model: ModelOpt = "smollm2-135m-instruct",
+    as_json: JsonOpt = False,
+) -> None:
+    """Import a control vector as vector artifacts for --model."""
+    from .interop import from_gguf
+
+    lm, _ = _load_model(model, "float32", None, None, False)
+    updates = from_gguf(source, lm)
+    written = [u.save(out if len(updates) == 1 else out / f"layer-{u.layer}") for u in updates]
+    _emit({"artifacts": [str(w) for w in written]}, as_json, [f"wrote {w}" for w in written])
 
 
 def _fmt(value: float | None) -> str:

@@ -181,6 +181,7 @@ def load_model(
     dtype: str = "float32",
     device: str | None = None,
     device_map: str | dict[str, Any] | None = None,
+    offload_folder: str | None = None,
     trust_remote_code: bool = False,
 ) -> tuple[nn.Module, Any]:
     """Load a causal LM and its tokenizer, in eval mode.

@@ -168,29 +168,28 @@ Log = Callable[[str], None]
 
 
 def run_experiment(config: ExperimentConfig, out: str | os.PathLike[str], *, log: Log | None = None,
-                   progress: Callable[[str, int], Any] | None = None) -> dict[str, Any]:
-    """Run every run of ``config`` into ``out``; finished runs are skipped. Returns results."""
+                   workers: int = 1) -> dict[str, Any]:
+    """Run every run of ``config`` into ``out``; finished runs are skipped. Returns results.
+
+    With ``workers > 1`` the runs are spread over that many processes (the AxBench
+    pattern); each run is seeded, so records equal a serial run's up to float reduction
+    order and timings, and the report is merged from all of them.
+    """
     from .report import write_report, write_results
 
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     say = log or (lambda _msg: None)
-    records = []
-    loaded: dict[str, tuple[Any, Any]] = {}
-    for spec in config.expand():
-        run_dir = out_dir / str(spec.name)
-        record_path = run_dir / RUN_RECORD
-        if record_path.is_file():
+    specs = config.expand()
+    pending = [s for s in specs if not (out_dir / str(s.name) / RUN_RECORD).is_file()]
+    for spec in specs:
+        if spec not in pending:
             say(f"{spec.name}: finished earlier, skipped")
-            records.append(_read_record(record_path))
-            continue
-        if spec.model not in loaded:
-            from .models import load_model
-
-            loaded.clear()  # one model in memory at a time
-            loaded[str(spec.model)] = load_model(str(spec.model))
-        model, tokenizer = loaded[str(spec.model)]
-        records.append(_run_one(config, spec, model, tokenizer, out_dir, run_dir, say))
+    if workers > 1 and len(pending) > 1:
+        _run_parallel(config, pending, out_dir, workers, say)
+    else:
+        _run_serial(config, pending, out_dir, say)
+    records = [_read_record(out_dir / str(s.name) / RUN_RECORD) for s in specs]
     results = {
         "experiment": config.name,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -201,6 +200,44 @@ def run_experiment(config: ExperimentConfig, out: str | os.PathLike[str], *, log
     write_results(results, out_dir / "results.json")
     write_report(results, out_dir)
     return results
+
+
+def _run_serial(config: ExperimentConfig, specs: list[RunSpec], out_dir: Path, say: Log) -> None:
+    from .models import load_model
+
+    loaded: dict[str, tuple[Any, Any]] = {}
+    for spec in specs:
+        if spec.model not in loaded:
+            loaded.clear()  # one model in memory at a time
+            loaded[str(spec.model)] = load_model(str(spec.model))
+        model, tokenizer = loaded[str(spec.model)]
+        _run_one(config, spec, model, tokenizer, out_dir, out_dir / str(spec.name), say)
+
+
+def _run_parallel(config: ExperimentConfig, specs: list[RunSpec], out_dir: Path, workers: int, say: Log) -> None:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    threads = max(1, (os.cpu_count() or 1) // workers)  # share the cores instead of oversubscribing them
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(_worker, config.model_dump(), spec.model_dump(), str(out_dir), threads): spec
+                   for spec in specs}
+        for future in as_completed(futures):
+            future.result()  # re-raises a worker's error here
+            say(f"{futures[future].name}: finished in a worker")
+
+
+def _worker(config: dict[str, Any], spec: dict[str, Any], out_dir: str, threads: int) -> None:
+    import torch
+
+    from .models import load_model
+
+    torch.set_num_threads(threads)
+    run_spec = RunSpec.model_validate(spec)
+    model, tokenizer = load_model(str(run_spec.model))
+    _run_one(ExperimentConfig.model_validate(config), run_spec, model, tokenizer, Path(out_dir),
+             Path(out_dir) / str(run_spec.name), lambda _msg: None)
 
 
 def _read_record(path: Path) -> dict[str, Any]:

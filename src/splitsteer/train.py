@@ -3,23 +3,33 @@
 Batches are composed once from a seeded permutation and their order is reshuffled each
 epoch. Fixing the composition lets the activations below the site (see
 :mod:`splitsteer.scoring`) be captured once and reused across epochs.
+
+With ``checkpoint_dir`` the trainer saves an epoch checkpoint (the update, AdamW's state, the
+scheduler's step, the random generator's state and the log; safetensors and JSON only) after
+every epoch but the last, and ``resume=True`` continues from it with the same result as an
+uninterrupted run.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
-from .errors import InputError, RuntimeFailure
+from . import __version__
+from .atomic import write_bytes, write_text
+from .errors import ArtifactError, InputError, RuntimeFailure
 from .models import check_layer, final_norm, hidden_size, model_id, num_layers
 from .objectives import METHODS, SplitWeights, diffmean, reps_loss, sft_loss, split_loss
-from .render import Batch, context_length, pad_id, pair_batch, render_pairs
+from .render import Batch, TruncationPolicy, context_length, pad_id, pair_batch, render_pairs
 from .scoring import (
     Positions,
     Prefix,
@@ -30,7 +40,7 @@ from .scoring import (
     pair_losses,
     row_nll,
 )
-from .updates import FORMS, SteeringUpdate
+from .updates import FORMS, PARAM_NAMES, SteeringUpdate
 
 DEFAULT_FACTORS = {
     "vector": [2.0 * i for i in range(1, 11)],  # 2, 4, ..., 20
@@ -57,6 +67,8 @@ class TrainConfig(BaseModel):
     weights: SplitWeights = SplitWeights()
     bidirectional: bool = False
     positions: Positions = "all"
+    #: Examples longer than the model context: "error" rejects them, "left" cuts the prompt's start.
+    truncation: TruncationPolicy = "error"
     max_grad_norm: float = 1.0
     cache_prefix: bool = True
     cache_budget_mib: float = 2048.0
@@ -105,6 +117,16 @@ class TrainResult:
         return self.log[-1]["loss"] if self.log else float("nan")
 
 
+class NonFiniteLoss(RuntimeFailure):
+    """Training diverged (exit code 1). ``last_good`` is the update as it was at the last step
+    whose losses were all finite; ``log`` holds the rows of the steps completed."""
+
+    def __init__(self, message: str, last_good: SteeringUpdate, log: list[dict[str, float]]) -> None:
+        super().__init__(message)
+        self.last_good = last_good
+        self.log = log
+
+
 @dataclass
 class _PreparedBatch:
     batch: Batch
@@ -116,7 +138,7 @@ ProgressFn = Callable[[int, int, dict[str, float]], None]
 
 
 def _prepare(model: nn.Module, tokenizer: Any, pairs: Sequence[Any], cfg: TrainConfig, order: list[int]) -> list[_PreparedBatch]:
-    rendered = render_pairs(tokenizer, pairs, max_length=context_length(model))
+    rendered = render_pairs(tokenizer, pairs, max_length=context_length(model), truncation=cfg.truncation)
     # Group pairs of similar length (after the seeded shuffle, which breaks ties) so batches
     # carry little padding; batch order is still reshuffled every epoch.
     order = sorted(order, key=lambda i: max(len(r.ids) for r in rendered[i]))
@@ -171,9 +193,19 @@ def train_update(
     *,
     progress: ProgressFn | None = None,
     data_fingerprint: str | None = None,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    resume: bool = False,
+    keep_checkpoint: bool = False,
     **overrides: Any,
 ) -> TrainResult:
-    """Train a steering update on polarity pairs; see :class:`TrainConfig` for options."""
+    """Train a steering update on polarity pairs; see :class:`TrainConfig` for options.
+
+    With ``checkpoint_dir``, an epoch checkpoint is saved there after every epoch but the last;
+    ``resume=True`` continues from it (an error if there is none, or if it was made with other
+    options, data or model). The checkpoint is removed when training ends, unless
+    ``keep_checkpoint`` (the CLI removes it itself once the artifact is saved). A non-finite
+    loss raises :class:`NonFiniteLoss`, which carries the last good update.
+    """
     cfg = (config or TrainConfig()).model_copy(update=overrides) if overrides else (config or TrainConfig())
     cfg = TrainConfig.model_validate(cfg.model_dump())
     if not len(pairs):
@@ -181,6 +213,11 @@ def train_update(
     cfg.layer = check_layer(model, cfg.layer)
     if cfg.method == "diffmean" and cfg.form != "vector":
         raise InputError(f"--method diffmean has a closed form for --form vector only, not {cfg.form}")
+    checkpoint = _Checkpointer(Path(checkpoint_dir), _identity(model, cfg, pairs, data_fingerprint)) \
+        if checkpoint_dir is not None else None
+    saved = checkpoint.start(resume) if checkpoint is not None else None
+    if resume and checkpoint is None:
+        raise InputError("--resume needs a checkpoint directory")
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(cfg.seed)
     update = SteeringUpdate.zeros(model, cfg.form, cfg.layer, rank=cfg.rank, generator=generator)
@@ -199,7 +236,15 @@ def train_update(
         update.params["delta_b"] = _diffmean_vector(model, prepared, cfg.layer)
         seconds = time.perf_counter() - started
         return TrainResult(update, [], seconds, len(pairs))
-    return _optimise(model, update, prepared, cfg, generator, started, progress)
+    try:
+        result = _optimise(model, update, prepared, cfg, generator, started, progress, checkpoint, saved)
+    except NonFiniteLoss:
+        if checkpoint is not None and not keep_checkpoint:
+            remove_checkpoint(checkpoint.directory)
+        raise
+    if checkpoint is not None and not keep_checkpoint:
+        remove_checkpoint(checkpoint.directory)
+    return result
 
 
 def _diffmean_vector(model: nn.Module, prepared: list[_PreparedBatch], layer: int) -> torch.Tensor:
@@ -211,19 +256,28 @@ def _diffmean_vector(model: nn.Module, prepared: list[_PreparedBatch], layer: in
     return diffmean(torch.cat(pos), torch.cat(neg)).float().cpu()
 
 
+def _finite(update: SteeringUpdate) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in update.parameters())
+
+
 def _optimise(model: nn.Module, update: SteeringUpdate, prepared: list[_PreparedBatch], cfg: TrainConfig,
-              generator: torch.Generator, started: float, progress: ProgressFn | None) -> TrainResult:
-    update.requires_grad_(True)
+              generator: torch.Generator, started: float, progress: ProgressFn | None,
+              checkpoint: _Checkpointer | None = None, saved: _Saved | None = None) -> TrainResult:
     optimizer = torch.optim.AdamW(update.parameters(), lr=cfg.resolved_lr(), weight_decay=0.0)
     steps = math.ceil(len(prepared) / cfg.grad_accum) * cfg.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: max(0.0, 1.0 - s / max(steps, 1)))
+    log: list[dict[str, float]] = []
+    examples, step, first_epoch, earlier_seconds = 0, 0, 0, 0.0
+    if saved is not None:
+        saved.restore(update, optimizer, schedule, generator)
+        log, examples, step, first_epoch, earlier_seconds = saved.log, saved.examples, saved.step, saved.epoch, saved.seconds
+    update.requires_grad_(True)
     factor_set = torch.tensor(cfg.resolved_factors())
     budget = [cfg.cache_budget_mib]
-    log: list[dict[str, float]] = []
-    examples, step = 0, 0
     pending: list[float] = []
+    # The parameters of the last step whose losses were all finite (what a diverged run keeps).
     last_good = update.detach()
-    for epoch in range(cfg.epochs):
+    for epoch in range(first_epoch, cfg.epochs):
         batch_order = torch.randperm(len(prepared), generator=generator).tolist()
         for position, index in enumerate(batch_order):
             item = prepared[index]
@@ -232,14 +286,18 @@ def _optimise(model: nn.Module, update: SteeringUpdate, prepared: list[_Prepared
             m = factor_set[torch.randint(len(factor_set), (n_pairs,), generator=generator)]
             loss, terms = _step_loss(model, update, prefix, item, m, cfg)
             if not torch.isfinite(loss.detach()):
-                update.params.update(last_good.params)
-                raise RuntimeFailure(f"loss became {float(loss)} at epoch {epoch + 1}, step {step + 1}; "
-                                     "try a lower --lr (the last good update was kept)")
+                raise _diverged(f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}",
+                                last_good, log)
             (loss / cfg.grad_accum).backward()
             pending.append(float(loss.detach()))
             examples += n_pairs
             if (position + 1) % cfg.grad_accum == 0 or position + 1 == len(batch_order):
+                last_good = update.detach()  # its losses were all finite
                 grad_norm = torch.nn.utils.clip_grad_norm_(update.parameters(), cfg.max_grad_norm)
+                if not torch.isfinite(grad_norm):
+                    # Clipping by an infinite norm zeroes the step: training would go on, silently stuck.
+                    raise _diverged(f"gradient norm became {float(grad_norm)} at epoch {epoch + 1}, "
+                                    f"step {step + 1}", last_good, log)
                 optimizer.step()
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -250,11 +308,169 @@ def _optimise(model: nn.Module, update: SteeringUpdate, prepared: list[_Prepared
                 pending.clear()
                 if progress is not None:
                     progress(step, steps, row)
-        if all(torch.isfinite(p).all() for p in update.parameters()):
-            last_good = update.detach()
+        if not _finite(update):
+            raise _diverged(f"parameters became non-finite at epoch {epoch + 1}, step {step}", last_good, log)
+        if checkpoint is not None and epoch + 1 < cfg.epochs:
+            checkpoint.save(epoch + 1, update, optimizer, schedule, generator, log=log, step=step,
+                            examples=examples, seconds=earlier_seconds + time.perf_counter() - started)
     update.requires_grad_(False)
     final = update.detach()
-    return TrainResult(final, log, time.perf_counter() - started, examples)
+    return TrainResult(final, log, earlier_seconds + time.perf_counter() - started, examples)
+
+
+def _diverged(message: str, last_good: SteeringUpdate, log: list[dict[str, float]]) -> NonFiniteLoss:
+    last_good.requires_grad_(False)
+    return NonFiniteLoss(f"{message}; try a lower --lr or smaller --factors", last_good, list(log))
+
+
+# -- epoch checkpoints --------------------------------------------------------------------
+CHECKPOINT_STATE = "state.json"
+CHECKPOINT_FORMAT = 1
+#: TrainConfig keys that do not change the result, so a resumed run may change them.
+RESUME_FREE_KEYS = frozenset({"cache_prefix", "cache_budget_mib"})
+
+
+def _identity(model: nn.Module, cfg: TrainConfig, pairs: Sequence[Any], fingerprint: str | None) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: options, data and model."""
+    return {"config": cfg.model_dump(mode="json"), "data_fingerprint": fingerprint, "n_pairs": len(pairs),
+            "base_model": model_id(model), "hidden_size": hidden_size(model), "num_layers": num_layers(model)}
+
+
+def remove_checkpoint(directory: str | os.PathLike[str]) -> None:
+    """Delete a checkpoint; its state file goes first, so an interrupted removal leaves none."""
+    import shutil
+
+    path = Path(directory)
+    (path / CHECKPOINT_STATE).unlink(missing_ok=True)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class _Saved:
+    """A checkpoint read back: the state after ``epoch`` completed epochs."""
+
+    epoch: int
+    step: int
+    examples: int
+    seconds: float
+    log: list[dict[str, float]]
+    scheduler: dict[str, Any]
+    lrs: list[float]
+    tensors: dict[str, torch.Tensor]
+    source: Path
+
+    def restore(self, update: SteeringUpdate, optimizer: torch.optim.Optimizer, schedule: Any,
+                generator: torch.Generator) -> None:
+        names = PARAM_NAMES[update.form]
+        try:
+            with torch.no_grad():
+                for name, param in zip(names, update.parameters()):
+                    param.copy_(self.tensors[f"update.{name}"])
+            state = optimizer.state_dict()
+            state["state"] = {
+                i: {key.rpartition(".")[2]: value for key, value in self.tensors.items()
+                    if key.startswith(f"adam.{name}.")}
+                for i, name in enumerate(names)
+            }
+            for group, lr in zip(state["param_groups"], self.lrs, strict=True):
+                group["lr"] = lr
+            optimizer.load_state_dict(state)
+            schedule.load_state_dict({**self.scheduler, "lr_lambdas": [None]})
+            generator.set_state(self.tensors["generator"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            reason = " ".join(str(exc).split())[:200]
+            raise ArtifactError(f"{self.source}: checkpoint does not fit this run ({reason}); "
+                                "delete it to start over") from None
+
+
+class _Checkpointer:
+    """Writes and reads the epoch checkpoint of one training run.
+
+    Files: ``epoch-<k>.safetensors`` (tensors) and ``state.json``, which names the tensor file
+    and is written last, so each checkpoint appears whole; older tensor files are then removed.
+    """
+
+    def __init__(self, directory: Path, identity: dict[str, Any]) -> None:
+        self.directory = directory
+        self.identity = identity
+
+    def start(self, resume: bool) -> _Saved | None:
+        state_path = self.directory / CHECKPOINT_STATE
+        if not resume:
+            if state_path.exists():
+                raise InputError(f"{self.directory} holds an unfinished training run: pass --resume to continue "
+                                 "it, or delete it to start over")
+            return None
+        if not state_path.is_file():
+            raise InputError(f"--resume: no checkpoint in {self.directory} (nothing to resume; train without "
+                             "--resume to start over)")
+        state = self._read_state(state_path)
+        self._check_identity(state)
+        return self._read_tensors(state)
+
+    def _read_state(self, state_path: Path) -> dict[str, Any]:
+        try:
+            state = json.loads(state_path.read_bytes().decode("utf-8"))
+        except (ValueError, RecursionError) as exc:
+            reason = " ".join(str(exc).split())[:200]
+            raise ArtifactError(f"{state_path}: invalid checkpoint ({reason}); delete it to start over") from None
+        required = {"format": int, "epoch": int, "step": int, "examples": int, "seconds": (int, float),
+                    "log": list, "scheduler": dict, "lrs": list, "weights": str, "config": dict}
+        if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in required.items()):
+            raise ArtifactError(f"{state_path}: not a splitsteer checkpoint; delete it to start over")
+        if state["format"] != CHECKPOINT_FORMAT:
+            raise ArtifactError(f"{state_path}: checkpoint format {state['format']}, expected {CHECKPOINT_FORMAT}")
+        return state
+
+    def _check_identity(self, state: dict[str, Any]) -> None:
+        saved, wanted = state["config"], self.identity["config"]
+        for key in sorted(set(saved) | set(wanted)):
+            if key not in RESUME_FREE_KEYS and saved.get(key) != wanted.get(key):
+                raise InputError(f"--resume: the checkpoint in {self.directory} was made with {key}={saved.get(key)!r}, "
+                                 f"this run has {key}={wanted.get(key)!r}; use the same options or delete it")
+        for key in ("data_fingerprint", "n_pairs", "base_model", "hidden_size", "num_layers"):
+            if state.get(key) != self.identity[key]:
+                what = "data" if key in ("data_fingerprint", "n_pairs") else "model"
+                raise InputError(f"--resume: the checkpoint in {self.directory} was made with other {what} "
+                                 f"({key} {state.get(key)!r}, now {self.identity[key]!r})")
+
+    def _read_tensors(self, state: dict[str, Any]) -> _Saved:
+        from safetensors.torch import load
+
+        path = self.directory / Path(state["weights"]).name
+        try:
+            tensors = load(path.read_bytes())
+        except Exception as exc:  # noqa: BLE001 - a missing or corrupt file: any parser error
+            reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+            raise ArtifactError(f"{path}: corrupted checkpoint ({reason}); delete it to start over") from None
+        return _Saved(epoch=state["epoch"], step=state["step"], examples=state["examples"],
+                      seconds=float(state["seconds"]), log=state["log"], scheduler=state["scheduler"],
+                      lrs=state["lrs"], tensors=tensors, source=path)
+
+    def save(self, epoch: int, update: SteeringUpdate, optimizer: torch.optim.Optimizer, schedule: Any,
+             generator: torch.Generator, *, log: list[dict[str, float]], step: int, examples: int,
+             seconds: float) -> None:
+        from safetensors.torch import save
+
+        tensors = {f"update.{name}": p.detach().cpu().contiguous()
+                   for name, p in zip(PARAM_NAMES[update.form], update.parameters())}
+        for name, param in zip(PARAM_NAMES[update.form], update.parameters()):
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"adam.{name}.{key}"] = value.detach().cpu().contiguous()
+        tensors["generator"] = generator.get_state()
+        weights = f"epoch-{epoch}.safetensors"
+        write_bytes(self.directory / weights, save(tensors))
+        scheduler = {k: v for k, v in schedule.state_dict().items() if k != "lr_lambdas"}
+        state = {"format": CHECKPOINT_FORMAT, "epoch": epoch, "epochs": self.identity["config"]["epochs"],
+                 "weights": weights, "step": step, "examples": examples, "seconds": seconds,
+                 "lrs": [group["lr"] for group in optimizer.param_groups], "scheduler": scheduler,
+                 "log": log, "splitsteer_version": __version__, **self.identity}
+        # Python's JSON writes floats exactly (shortest repr), so a resumed log is bit-identical.
+        write_text(self.directory / CHECKPOINT_STATE, json.dumps(state, indent=1) + "\n")
+        for old in self.directory.glob("epoch-*.safetensors"):
+            if old.name != weights:
+                old.unlink(missing_ok=True)
 
 
 def train(model: nn.Module, tokenizer: Any, pairs: Sequence[Any], **options: Any) -> SteeringUpdate:

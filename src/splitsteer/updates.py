@@ -17,22 +17,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Literal, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from . import __version__
-from .errors import ArtifactError, InputError
+from .atomic import scratch_dir, write_bytes
+from .errors import ArtifactError, InputError, ModelError
 from .models import (
     check_layer,
     down_proj_path,
-    find_layers,
     get_module,
     hidden_size,
     layer_path,
@@ -229,63 +227,59 @@ class SteeringUpdate:
             **self.meta,
         }
 
-    def save(self, directory: str | os.PathLike[str]) -> Path:
-        """Write ``steer.safetensors`` and ``steer.json`` into ``directory`` atomically."""
-        from safetensors.torch import save_file
+    def save(self, directory: str | os.PathLike[str], *, extra_files: Mapping[str, bytes] | None = None) -> Path:
+        """Write ``steer.safetensors``, ``steer.json`` and ``extra_files`` (name -> bytes, e.g. a
+        training log) into ``directory``, so that an interruption never leaves a half-written
+        artifact.
 
+        A new directory is built in a temp folder and renamed into place whole. In an existing
+        one (other outputs in it are kept) the files are replaced one by one, each atomically,
+        with ``steer.json`` as the commit mark: it is removed first and written last, so an
+        interrupted save leaves an artifact that :meth:`load` rejects, never old and new files mixed.
+        """
+        from safetensors.torch import save
+
+        extra = dict(extra_files or {})
+        for name in extra:
+            if name in (WEIGHTS_FILE, META_FILE) or not name or Path(name).name != name or name.startswith("."):
+                raise InputError(f"extra artifact file name '{name}' must be a plain file name")
         target = Path(directory)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-        try:
-            tensors = {k: v.detach().cpu().contiguous() for k, v in self.params.items()}
-            save_file(tensors, scratch / WEIGHTS_FILE)
-            (scratch / META_FILE).write_text(json.dumps(self.describe(), indent=2, sort_keys=True) + "\n")
-            if target.exists():
-                # Keep any other outputs (logs, sweeps) already in the run directory.
-                for name in (WEIGHTS_FILE, META_FILE):
-                    os.replace(scratch / name, target / name)
-            else:
-                os.replace(scratch, target)
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
+        if target.exists() and not target.is_dir():
+            raise InputError(f"{target}: exists and is not a directory")
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.params.items()}
+        files = {**extra, WEIGHTS_FILE: save(tensors),
+                 META_FILE: (json.dumps(self.describe(), indent=2, sort_keys=True) + "\n").encode()}
+        if target.exists():
+            (target / META_FILE).unlink(missing_ok=True)
+            for name, data in files.items():  # steer.json is the last key
+                write_bytes(target / name, data)
+            return target
+        with scratch_dir(target) as scratch:
+            for name, data in files.items():
+                (scratch / name).write_bytes(data)
+            os.replace(scratch, target)
         return target
 
     @classmethod
     def load(cls, directory: str | os.PathLike[str], model: nn.Module | None = None) -> "SteeringUpdate":
-        """Read an artifact; with ``model``, check that it fits that model."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        """Read an artifact; with ``model``, check that it fits that model.
 
+        Only JSON and safetensors are read; anything malformed raises :class:`ArtifactError`.
+        """
         path = Path(directory)
         meta_path, weights_path = path / META_FILE, path / WEIGHTS_FILE
         if not path.is_dir():
             raise ArtifactError(f"{path}: steering artifact directory not found")
-        if not meta_path.is_file():
-            raise ArtifactError(f"{meta_path}: missing (a steering artifact needs {META_FILE})")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ArtifactError(f"{meta_path}: invalid JSON ({exc})") from exc
-        if not isinstance(meta, dict):
-            raise ArtifactError(f"{meta_path}: expected a JSON object")
-        missing = [k for k in ("form", "layer", "site") if k not in meta]
-        if missing:
-            raise ArtifactError(f"{meta_path}: missing keys {', '.join(missing)}")
-        if meta["form"] not in FORMS or not isinstance(meta["layer"], int) or not isinstance(meta["site"], str):
-            raise ArtifactError(f"{meta_path}: invalid form, layer or site")
-        if not weights_path.is_file():
-            raise ArtifactError(f"{weights_path}: missing")
-        try:
-            params = load_file(weights_path)
-        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-            raise ArtifactError(f"{weights_path}: corrupted or truncated ({exc})") from exc
-        shapes = meta.get("shapes", {})
+        meta = _read_meta(meta_path)
+        params = _read_tensors(weights_path)
+        shapes = meta.get("shapes")
+        if shapes is not None and not isinstance(shapes, dict):
+            raise ArtifactError(f"{meta_path}: 'shapes' must be an object")
         for name, tensor in params.items():
-            if name in shapes and list(tensor.shape) != shapes[name]:
+            if shapes and name in shapes and list(tensor.shape) != shapes[name]:
                 raise ArtifactError(f"{weights_path}: tensor {name} has shape {list(tensor.shape)}, "
                                     f"{META_FILE} says {shapes[name]}")
-            if not torch.isfinite(tensor).all():
-                raise ArtifactError(f"{weights_path}: tensor {name} holds NaN or inf")
+        _check_tensors(meta["form"], params, str(weights_path))
         reserved = {"form", "layer", "site", "shapes", "dtype", "splitsteer_version"}
         extra = {k: v for k, v in meta.items() if k not in reserved}
         update = cls(form=meta["form"], layer=meta["layer"], site=meta["site"], params=params, meta=extra)
@@ -302,24 +296,94 @@ class SteeringUpdate:
         expected_layers = self.meta.get("num_layers")
         if expected_layers is not None and expected_layers != num_layers(model):
             raise ArtifactError(f"{source}: made for {expected_layers} layers, {name} has {num_layers(model)}")
+        if not 0 <= self.layer < num_layers(model):
+            raise ArtifactError(f"{source}: layer {self.layer} does not exist in {name} "
+                                f"(layers 0..{num_layers(model) - 1})")
         try:
             module = model.get_submodule(self.site)
         except AttributeError:
             raise ArtifactError(f"{source}: site '{self.site}' does not exist in {name}") from None
+        # Scoring runs the layers below ``layer`` unsteered: the site must sit inside that layer.
+        base = layer_path(model, self.layer)
+        if self.site != base and not self.site.startswith(base + "."):
+            raise ArtifactError(f"{source}: site '{self.site}' is not inside layer {self.layer} ({base})")
         if self.form == "vector":
-            stack, _ = find_layers(model)
-            if not self.site.startswith(stack + "."):
-                raise ArtifactError(f"{source}: vector site '{self.site}' is not a decoder layer of {name}")
             if self.params["delta_b"].shape != (hidden_size(model),):
                 raise ArtifactError(f"{source}: vector of size {tuple(self.params['delta_b'].shape)} "
                                     f"does not fit hidden size {hidden_size(model)}")
             return
-        out_features, in_features = linear_shape(module)
+        try:
+            out_features, in_features = linear_shape(module)
+        except ModelError:
+            raise ArtifactError(f"{source}: site '{self.site}' of a {self.form} update is not a linear layer") from None
         delta_w = self.delta_w()
         assert delta_w is not None
         if tuple(delta_w.shape) != (out_features, in_features):
             raise ArtifactError(f"{source}: ΔW of shape {tuple(delta_w.shape)} does not fit "
                                 f"'{self.site}' ({out_features}x{in_features})")
+        if "delta_b" in self.params and tuple(self.params["delta_b"].shape) != (out_features,):
+            raise ArtifactError(f"{source}: Δb of size {tuple(self.params['delta_b'].shape)} does not fit "
+                                f"'{self.site}' ({out_features} outputs)")
+
+
+def _read_meta(meta_path: Path) -> dict[str, Any]:
+    if not meta_path.is_file():
+        raise ArtifactError(f"{meta_path}: missing (a steering artifact needs {META_FILE})")
+    try:
+        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = " ".join(str(exc).split())[:200]
+        raise ArtifactError(f"{meta_path}: invalid JSON ({reason})") from None
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{meta_path}: expected a JSON object")
+    missing = [k for k in ("form", "layer", "site") if k not in meta]
+    if missing:
+        raise ArtifactError(f"{meta_path}: missing keys {', '.join(missing)}")
+    form, layer, site = meta["form"], meta["layer"], meta["site"]
+    if not isinstance(form, str) or form not in FORMS:
+        raise ArtifactError(f"{meta_path}: form must be one of {', '.join(FORMS)}, got {form!r:.60}")
+    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+        raise ArtifactError(f"{meta_path}: layer must be a non-negative integer, got {layer!r:.60}")
+    if not isinstance(site, str) or not site:
+        raise ArtifactError(f"{meta_path}: site must be a module path, got {site!r:.60}")
+    return meta
+
+
+def _read_tensors(weights_path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load
+
+    if not weights_path.is_file():
+        raise ArtifactError(f"{weights_path}: missing")
+    try:
+        # Read the bytes (no memory map): a file truncated later cannot fault the process.
+        return load(weights_path.read_bytes())
+    except Exception as exc:  # noqa: BLE001 - the parser's errors vary by failure; all mean "corrupt"
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise ArtifactError(f"{weights_path}: corrupted or truncated ({reason})") from None
+
+
+def _check_tensors(form: str, params: dict[str, torch.Tensor], where: str) -> None:
+    """The tensors a form needs, floating point, finite, with consistent shapes."""
+    expected = PARAM_NAMES[form]
+    if set(params) != set(expected):
+        raise ArtifactError(f"{where}: a {form} update needs tensors {list(expected)}, got {sorted(params)}")
+    for name, tensor in params.items():
+        if not tensor.is_floating_point():
+            raise ArtifactError(f"{where}: tensor {name} has dtype {tensor.dtype}, expected floating point")
+        if not torch.isfinite(tensor).all():
+            raise ArtifactError(f"{where}: tensor {name} holds NaN or inf")
+    dims = {name: tensor.dim() for name, tensor in params.items()}
+    wanted = {"delta_b": 1, "lora_a": 2, "lora_b": 2, "delta_w": 2}
+    for name, dim in dims.items():
+        if dim != wanted[name] or 0 in params[name].shape:
+            raise ArtifactError(f"{where}: tensor {name} has shape {list(params[name].shape)}, "
+                                f"expected {wanted[name]} non-empty dimension(s)")
+    if form == "lora" and params["lora_a"].shape[0] != params["lora_b"].shape[1]:
+        raise ArtifactError(f"{where}: lora_a has rank {params['lora_a'].shape[0]}, "
+                            f"lora_b rank {params['lora_b'].shape[1]}")
+    if form == "local_weight" and params["delta_b"].shape[0] != params["delta_w"].shape[0]:
+        raise ArtifactError(f"{where}: delta_b has {params['delta_b'].shape[0]} values for "
+                            f"{params['delta_w'].shape[0]} output features")
 
 
 def _scale(delta: torch.Tensor, factor: Factor, token_mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor:
