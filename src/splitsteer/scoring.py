@@ -59,12 +59,29 @@ def input_device(model: nn.Module) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
+def _uniform_layer_calls(model: nn.Module, start: int) -> bool:
+    """Whether decoder layers ``start``… are all called with the same arguments.
+
+    Models that mix attention types (Gemma 2/3's sliding and full layers) pass each layer
+    its own mask and rotary embeddings; the others pass every layer the same ones.
+    """
+    config = getattr(model.config, "text_config", None) or model.config
+    layer_types = getattr(config, "layer_types", None)
+    return not layer_types or len(set(layer_types[start:])) <= 1
+
+
 @torch.no_grad()
 def capture_prefix(model: nn.Module, batch: Batch, start: int, *, keep_base: bool = False) -> Prefix:
-    """Run ``batch`` unsteered and capture the inputs of decoder layers ``start``…N−1."""
+    """Run ``batch`` unsteered and capture the inputs of decoder layers ``start``…N−1.
+
+    When every layer from ``start`` on gets the same arguments, the forward stops at layer
+    ``start`` (nothing above the site runs); otherwise it runs the whole stack, without the
+    LM head, to record each layer's own arguments.
+    """
     _, layers = find_layers(model)
     calls: list[tuple[tuple[Any, ...], dict[str, Any]]] = []
     captured: dict[str, Any] = {}
+    stop_at_site = not keep_base and _uniform_layer_calls(model, start)
 
     def on_layer(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         if not calls:
@@ -72,6 +89,9 @@ def capture_prefix(model: nn.Module, batch: Batch, start: int, *, keep_base: boo
             captured["hidden"] = kwargs["hidden_states"] if not args else args[0]
         rest = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         calls.append((tuple(args[1:]), rest))
+        if stop_at_site:
+            calls.extend([calls[0]] * (len(layers) - start - 1))
+            raise _StopForward
 
     def on_final_norm(_m: nn.Module, args: tuple[Any, ...]) -> None:
         captured["final"] = args[0]
