@@ -73,6 +73,22 @@ def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
     return write_text(path, json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")
 
 
+@contextmanager
+def temp_file(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """A temp file name beside ``target`` for writers that need a path (e.g. a GGUF writer);
+    renamed onto ``target`` when the block succeeds, removed otherwise."""
+    final = Path(target)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)
+        os.replace(tmp, final)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
 def csv_text(rows: Iterable[dict[str, Any]]) -> str:
     """Rows as CSV; the columns are the union of the rows' keys, in first-seen order."""
     rows = list(rows)

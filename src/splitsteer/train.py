@@ -26,6 +26,7 @@ from torch import nn
 
 from . import __version__
 from .atomic import write_bytes, write_text
+from .distributed import current_world, sum_gradients, sum_tensor, sum_values
 from .errors import ArtifactError, InputError, RuntimeFailure
 from .models import check_layer, final_norm, hidden_size, model_id, num_layers
 from .objectives import METHODS, SplitWeights, diffmean, reps_loss, sft_loss, split_loss
@@ -94,6 +95,13 @@ class TrainConfig(BaseModel):
             raise ValueError("factors must be a non-empty list of finite numbers")
         return v
 
+    @field_validator("lr")
+    @classmethod
+    def _lr(cls, v: float | None) -> float | None:
+        if v is not None and not math.isfinite(v):
+            raise ValueError("the learning rate must be a finite number")
+        return v
+
     def resolved_lr(self) -> float:
         return self.lr if self.lr is not None else DEFAULT_LR[self.form]
 
@@ -129,7 +137,10 @@ class NonFiniteLoss(RuntimeFailure):
 
 @dataclass
 class _PreparedBatch:
+    #: This process's share of the batch (all of it without data parallelism).
     batch: Batch
+    #: Pairs in the whole batch, across processes.
+    n_pairs: int
     prefix: Prefix | None = None
     ref: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -142,9 +153,15 @@ def _prepare(model: nn.Module, tokenizer: Any, pairs: Sequence[Any], cfg: TrainC
     # Group pairs of similar length (after the seeded shuffle, which breaks ties) so batches
     # carry little padding; batch order is still reshuffled every epoch.
     order = sorted(order, key=lambda i: max(len(r.ids) for r in rendered[i]))
+    world = current_world()
+    batches = list(chunks(order, cfg.batch_size))
+    if world.size > 1 and min(len(b) for b in batches) < world.size:
+        raise InputError(f"--batch-size {cfg.batch_size} with {len(order)} pairs leaves a batch of fewer pairs than "
+                         f"the {world.size} processes; choose a batch size so that every batch has at least "
+                         f"{world.size} pairs")
     return [
-        _PreparedBatch(pair_batch([rendered[i] for i in idx], pad_id(tokenizer)))
-        for idx in chunks(order, cfg.batch_size)
+        _PreparedBatch(pair_batch([rendered[i] for i in world.shard(idx)], pad_id(tokenizer)), len(idx))
+        for idx in batches
     ]
 
 
@@ -253,7 +270,12 @@ def _diffmean_vector(model: nn.Module, prepared: list[_PreparedBatch], layer: in
         means = answer_means(layer_output(model, item.batch, layer), item.batch.answer_mask)
         pos.append(means[0::2])
         neg.append(means[1::2])
-    return diffmean(torch.cat(pos), torch.cat(neg)).float().cpu()
+    world = current_world()
+    if world.size == 1:
+        return diffmean(torch.cat(pos), torch.cat(neg)).float().cpu()
+    # Data parallel: the mean over all pairs from each process's sum and count.
+    total = sum_tensor((torch.cat(pos) - torch.cat(neg)).sum(0).double().cpu(), world)
+    return (total / sum(item.n_pairs for item in prepared)).float()
 
 
 def _finite(update: SteeringUpdate) -> bool:
@@ -274,6 +296,7 @@ def _optimise(model: nn.Module, update: SteeringUpdate, prepared: list[_Prepared
     update.requires_grad_(True)
     factor_set = torch.tensor(cfg.resolved_factors())
     budget = [cfg.cache_budget_mib]
+    world = current_world()
     pending: list[float] = []
     # The parameters of the last step whose losses were all finite (what a diverged run keeps).
     last_good = update.detach()
@@ -282,35 +305,47 @@ def _optimise(model: nn.Module, update: SteeringUpdate, prepared: list[_Prepared
         for position, index in enumerate(batch_order):
             item = prepared[index]
             prefix = _prefix_for(model, item, cfg, budget)
-            n_pairs = len(item.batch) // 2
+            n_pairs = item.n_pairs
+            # Every process draws the whole batch's factors, then keeps its own pairs' ones.
             m = factor_set[torch.randint(len(factor_set), (n_pairs,), generator=generator)]
-            loss, terms = _step_loss(model, update, prefix, item, m, cfg)
-            if not torch.isfinite(loss.detach()):
-                raise _diverged(f"loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}",
-                                last_good, log)
-            (loss / cfg.grad_accum).backward()
-            pending.append(float(loss.detach()))
+            loss, terms = _step_loss(model, update, prefix, item, m[world.rank :: world.size], cfg)
+            # Weighted by this process's share, the processes' losses add up to the batch mean.
+            share = (len(item.batch) // 2) / n_pairs
+            status = sum_values({"loss": float(loss.detach()) * share}, world)["loss"]
+            if not math.isfinite(status):
+                raise _diverged(f"loss became {status} at epoch {epoch + 1}, step {step + 1}", last_good, log)
+            (loss * share / cfg.grad_accum).backward()
+            pending.append(status)
             examples += n_pairs
             if (position + 1) % cfg.grad_accum == 0 or position + 1 == len(batch_order):
                 last_good = update.detach()  # its losses were all finite
+                sum_gradients(update.parameters(), world)
                 grad_norm = torch.nn.utils.clip_grad_norm_(update.parameters(), cfg.max_grad_norm)
                 if not torch.isfinite(grad_norm):
                     # Clipping by an infinite norm zeroes the step: training would go on, silently stuck.
                     raise _diverged(f"gradient norm became {float(grad_norm)} at epoch {epoch + 1}, "
                                     f"step {step + 1}", last_good, log)
-                optimizer.step()
+                try:
+                    optimizer.step()
+                except RuntimeError as exc:  # e.g. a step size beyond the float range
+                    if "overflow" not in str(exc):
+                        raise
+                    raise _diverged(f"the optimizer step overflowed at epoch {epoch + 1}, step {step + 1}",
+                                    last_good, log) from None
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                row = {"step": step, "epoch": epoch + 1, "loss": sum(pending) / len(pending), "lr": schedule.get_last_lr()[0],
-                       "grad_norm": float(grad_norm), **{k: float(v.detach()) for k, v in terms.items()}}
+                local_terms = {k: float(v.detach()) * share for k, v in terms.items()}
+                row = {"step": step, "epoch": epoch + 1, "loss": sum(pending) / len(pending),
+                       "lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       **sum_values(local_terms, world)}
                 log.append(row)
                 pending.clear()
                 if progress is not None:
                     progress(step, steps, row)
         if not _finite(update):
             raise _diverged(f"parameters became non-finite at epoch {epoch + 1}, step {step}", last_good, log)
-        if checkpoint is not None and epoch + 1 < cfg.epochs:
+        if checkpoint is not None and epoch + 1 < cfg.epochs and world.is_main:
             checkpoint.save(epoch + 1, update, optimizer, schedule, generator, log=log, step=step,
                             examples=examples, seconds=earlier_seconds + time.perf_counter() - started)
     update.requires_grad_(False)
@@ -414,7 +449,7 @@ class _Checkpointer:
         except (ValueError, RecursionError) as exc:
             reason = " ".join(str(exc).split())[:200]
             raise ArtifactError(f"{state_path}: invalid checkpoint ({reason}); delete it to start over") from None
-        required = {"format": int, "epoch": int, "step": int, "examples": int, "seconds": (int, float),
+        required: dict[str, type | tuple[type, ...]] = {"format": int, "epoch": int, "step": int, "examples": int, "seconds": (int, float),
                     "log": list, "scheduler": dict, "lrs": list, "weights": str, "config": dict}
         if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in required.items()):
             raise ArtifactError(f"{state_path}: not a splitsteer checkpoint; delete it to start over")

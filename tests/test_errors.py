@@ -1,0 +1,263 @@
+"""Bad input through the command line: one line naming the file, line, field or option; exit 2
+for input and usage errors, 1 for runtime failures; no traceback without --debug; no output.
+
+Every case runs ``splitsteer.cli.main`` in-process on tiny random Llamas saved to disk. The
+table of these cases is docs/errors.md.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from splitsteer.cli import main
+from splitsteer.models import load_model
+from splitsteer.updates import SteeringUpdate
+from tiny import tiny_llama, tiny_tokenizer
+
+CONTEXT = 64  # the saved model's context length, small so that a long prompt exceeds it
+LONG_PROMPT = "Tell me about the ocean and the moon. " * 12
+
+
+def _pairs(n: int = 8) -> list[dict[str, str]]:
+    return [{"prompt": f"Would you lead team {i}?", "positive": f"Yes, I lead {i}.", "negative": f"No, not me {i}."}
+            for i in range(n)]
+
+
+def _jsonl(rows: list[dict[str, str]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def _save_model(path: Path, **changes: int) -> None:
+    """The tiny Llama, optionally resized (another hidden size or layer count)."""
+    base = tiny_llama()
+    model = base
+    if changes:
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig.from_dict({**base.config.to_dict(), **changes})).eval()
+    model.config.max_position_embeddings = CONTEXT
+    model.save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Models, data files and one trained vector artifact (layer 1) in a fresh folder."""
+    root = tmp_path_factory.mktemp("errors")
+    _save_model(root / "model")
+    _save_model(root / "narrow", hidden_size=16, intermediate_size=32)
+    _save_model(root / "deep", num_hidden_layers=3)
+    files = {
+        "pairs.jsonl": _jsonl(_pairs()),
+        "pairs.txt": _jsonl(_pairs()),
+        "malformed.jsonl": _jsonl(_pairs(1)) + '{"prompt": "x", "positive": \n',
+        "missing.jsonl": _jsonl([{"prompt": "Lead?", "positive": "Yes."}]),
+        "empty.jsonl": "",
+        "empty-answer.jsonl": _jsonl([*_pairs(1), {"prompt": "Lead?", "positive": "Yes.", "negative": "  "}]),
+        "same.jsonl": _jsonl([{"prompt": "Lead?", "positive": "Yes.", "negative": "Yes."}]),
+        "long.jsonl": _jsonl([*_pairs(3), {"prompt": LONG_PROMPT, "positive": "Yes.", "negative": "No."}]),
+        "bad-epochs.yaml": "name: x\ntrain: {epochs: 0}\n",
+        "bad-layer.yaml": "name: x\nruns: [{method: split}, {layer: deep}]\n",
+        "a-file": "not a directory\n",
+    }
+    for name, text in files.items():
+        (root / name).write_text(text)
+    code = main(["train", "--model", str(root / "model"), "--data", str(root / "pairs.jsonl"), "--layer", "1",
+                 "--epochs", "1", "--batch-size", "4", "--out", str(root / "art")])
+    assert code == 0
+    return root
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], args: list[str]) -> tuple[int, str, str]:
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def expect_error(capsys: pytest.CaptureFixture[str], args: list[str], code: int, *fragments: str,
+                 never: Path | None = None) -> str:
+    """Run the CLI; check the exit code, one stderr line with ``fragments``, and no output."""
+    got, out, err = run_cli(capsys, args)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert got == code, err
+    assert len(lines) == 1, err
+    assert lines[0].startswith("splitsteer: error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], (fragment, lines[0])
+    assert "Traceback" not in err and out == ""
+    if never is not None:
+        assert not never.exists()
+        assert not [p.name for p in never.parent.iterdir() if p.name.startswith(".")]  # no temp files
+    return lines[0]
+
+
+def _train(ws: Path, *extra: str, data: str = "pairs.jsonl", model: str = "model") -> list[str]:
+    return ["train", "--model", str(ws / model), "--data", str(ws / data), "--layer", "1", "--epochs", "1",
+            "--batch-size", "4", *extra, "--out", str(ws / "never")]
+
+
+def _sweep(ws: Path, steer: Path, *extra: str, model: str = "model") -> list[str]:
+    return ["sweep", "--model", str(ws / model), "--data", str(ws / "pairs.jsonl"), "--steer", str(steer),
+            "--factors=-2:2:3", *extra, "--out", str(ws / "never.json")]
+
+
+def _artifact_copy(ws: Path, name: str, edit: Callable[[Path], None]) -> Path:
+    target = ws / name
+    shutil.rmtree(target, ignore_errors=True)
+    shutil.copytree(ws / "art", target)
+    edit(target)
+    return target
+
+
+# -- 1-7: data files --------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("data", "fragments"),
+    [
+        ("nope.jsonl", ["nope.jsonl", "neither a registered dataset", "nor an existing file"]),  # 1
+        ("pairs.txt", ["pairs.txt", "unknown file type '.txt'", ".jsonl"]),  # 2
+        ("malformed.jsonl", ["malformed.jsonl, line 2: invalid JSON"]),  # 3
+        ("missing.jsonl", ["missing.jsonl, line 1: missing field(s) 'negative'"]),  # 4
+        ("empty.jsonl", ["empty.jsonl", "empty dataset"]),  # 5
+        ("empty-answer.jsonl", ["empty-answer.jsonl, line 2: empty negative answer in field 'negative'"]),  # 6
+        ("same.jsonl", ["same.jsonl, line 1: positive and negative answers are identical"]),  # 7
+    ],
+)
+def test_bad_data_file(ws: Path, capsys: pytest.CaptureFixture[str], data: str, fragments: list[str]) -> None:
+    expect_error(capsys, _train(ws, data=data), 2, *fragments, never=ws / "never")
+
+
+def test_missing_model_artifact_experiment_and_prompts(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:  # 1
+    expect_error(capsys, _train(ws, model="no-model"), 2, "no-model: model not found", never=ws / "never")
+    expect_error(capsys, _sweep(ws, ws / "no-art"), 2, "no-art: steering artifact directory not found",
+                 never=ws / "never.json")
+    expect_error(capsys, ["run", ws / "no.yaml", "--out", ws / "never"], 2, "no.yaml: experiment file not found",
+                 never=ws / "never")
+    expect_error(capsys, ["eval", "--task", "generate", "--model", ws / "model", "--prompts", ws / "no.txt",
+                          "--out", ws / "never.jsonl"], 2, "no.txt: prompts file not found", never=ws / "never.jsonl")
+    expect_error(capsys, ["fit", ws / "no-sweep.json"], 2, "no-sweep.json: sweep file not found")
+
+
+# -- 8: longer than the context -------------------------------------------------------------
+def test_prompt_longer_than_context(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    line = expect_error(capsys, _train(ws, data="long.jsonl"), 2, f"longer than the model context of {CONTEXT}",
+                        "--truncate left", never=ws / "never")
+    assert repr(LONG_PROMPT[:40]) in line  # names the prompt
+    sweep_args = _sweep(ws, ws / "art")
+    sweep_args[sweep_args.index("--data") + 1] = str(ws / "long.jsonl")
+    expect_error(capsys, sweep_args, 2, f"context of {CONTEXT}", never=ws / "never.json")
+    expect_error(capsys, _train(ws, "--truncate", "middle"), 2, "--truncate: expected error or left",
+                 never=ws / "never")
+
+    # The other policy cuts the prompt from the left, and training goes through.
+    out = ws / "truncated"
+    code, _, err = run_cli(capsys, [*_train(ws, "--truncate", "left", data="long.jsonl")[:-2], "--out", out])
+    assert code == 0, err
+    meta = json.loads((out / "steer.json").read_text())
+    assert meta["hyperparameters"]["truncation"] == "left"
+
+
+# -- 9, 10: options -------------------------------------------------------------------------
+def test_layer_form_method_and_usage(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    never = ws / "never"
+    expect_error(capsys, _train(ws, "--layer", "5"), 2, "--layer 5 is out of range", "0..1", never=never)  # 9
+    expect_error(capsys, _train(ws, "--form", "bias"), 2, "--form: unknown form 'bias'", never=never)  # 10
+    expect_error(capsys, _train(ws, "--method", "dpo"), 2, "--method: unknown method 'dpo'", never=never)
+    expect_error(capsys, _train(ws, "--weights", "lp=-1"), 2, "--weights: lp:", never=never)
+    expect_error(capsys, _train(ws, "--bogus"), 2, "No such option: --bogus", "splitsteer train --help",
+                 never=never)
+    expect_error(capsys, ["sweep", "--steer", ws / "art"], 2, "Missing option '--out'")
+    expect_error(capsys, [*_train(ws)[:-2], "--out", ws / "a-file"], 2, "a-file exists and is not a directory")
+    expect_error(capsys, [*_sweep(ws, ws / "art")[:-2], "--out", ws / "art"], 2, "--out:", "is a directory")
+
+
+# -- 11-13: artifacts ------------------------------------------------------------------------
+def test_artifact_that_does_not_fit_the_model(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    never = ws / "never.json"
+    expect_error(capsys, _sweep(ws, ws / "art", model="narrow"), 2, "art: made for hidden size 32", "has 16",
+                 never=never)
+    expect_error(capsys, _sweep(ws, ws / "art", model="deep"), 2, "art: made for 2 layers", "has 3", never=never)
+
+    def move_site(path: Path) -> None:
+        meta = json.loads((path / "steer.json").read_text())
+        meta["site"] = "model.layers.0"  # the site of another layer than the one recorded
+        (path / "steer.json").write_text(json.dumps(meta))
+
+    moved = _artifact_copy(ws, "moved", move_site)
+    expect_error(capsys, _sweep(ws, moved), 2, "site 'model.layers.0' is not inside layer 1", never=never)
+
+    def resize(path: Path) -> None:  # no hidden_size in steer.json: only the tensor can tell
+        SteeringUpdate("vector", 1, "model.layers.1", {"delta_b": torch.ones(16)}).save(path)
+
+    resized = _artifact_copy(ws, "resized", resize)
+    expect_error(capsys, _sweep(ws, resized), 2, "vector of size (16,) does not fit hidden size 32", never=never)
+
+
+def test_corrupted_artifact_files(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    never = ws / "never.json"
+
+    def truncate(path: Path) -> None:
+        data = (path / "steer.safetensors").read_bytes()
+        (path / "steer.safetensors").write_bytes(data[: len(data) // 2])
+
+    expect_error(capsys, _sweep(ws, _artifact_copy(ws, "truncated", truncate)), 2,
+                 "steer.safetensors: corrupted or truncated", never=never)  # 12
+    garbage = _artifact_copy(ws, "garbage", lambda p: (p / "steer.safetensors").write_bytes(b"\x00" * 64))
+    expect_error(capsys, _sweep(ws, garbage), 2, "steer.safetensors: corrupted or truncated", never=never)
+
+    no_meta = _artifact_copy(ws, "no-meta", lambda p: (p / "steer.json").unlink())  # 13
+    expect_error(capsys, _sweep(ws, no_meta), 2, "steer.json: missing", never=never)
+    broken = _artifact_copy(ws, "broken-meta", lambda p: (p / "steer.json").write_text("{not json"))
+    expect_error(capsys, _sweep(ws, broken), 2, "steer.json: invalid JSON", never=never)
+    partial = _artifact_copy(ws, "partial-meta", lambda p: (p / "steer.json").write_text('{"form": "vector"}'))
+    expect_error(capsys, _sweep(ws, partial), 2, "steer.json: missing keys layer, site", never=never)
+    wrong = _artifact_copy(ws, "wrong-form", lambda p: (p / "steer.json").write_text(
+        '{"form": "lora", "layer": 1, "site": "model.layers.1.mlp.down_proj"}'))
+    expect_error(capsys, _sweep(ws, wrong), 2, "a lora update needs tensors ['lora_a', 'lora_b']", never=never)
+
+
+# -- 14, 15: factors and experiment files ----------------------------------------------------
+def test_unparsable_factors(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    never = ws / "never.json"
+    for spec, fragment in [("a:b", "--factors: cannot parse 'a:b'"), ("1,,x", "--factors: cannot parse"),
+                           ("0:1:99999", "at most 10000"), ("nan", "not a finite number")]:
+        args = _sweep(ws, ws / "art")
+        args[args.index("--factors=-2:2:3")] = f"--factors={spec}"
+        expect_error(capsys, args, 2, fragment, never=never)
+    expect_error(capsys, _train(ws, "--factors", "1,inf"), 2, "--factors", never=ws / "never")
+
+
+def test_invalid_experiment_names_the_key_path(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    expect_error(capsys, ["run", ws / "bad-epochs.yaml", "--out", ws / "never"], 2,
+                 "bad-epochs.yaml: train.epochs: Input should be greater than or equal to 1", never=ws / "never")
+    expect_error(capsys, ["run", ws / "bad-layer.yaml", "--out", ws / "never"], 2,
+                 "bad-layer.yaml: runs.1.layer:", never=ws / "never")
+
+
+# -- 16: NaN during training ------------------------------------------------------------------
+def test_non_finite_loss_stops_and_keeps_the_last_good_update(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = ws / "diverged"
+    # A huge step makes the steered activations overflow at the second step.
+    line = expect_error(capsys, [*_train(ws, "--lr", "1e30", "--factors", "1e10")[:-2], "--out", out], 1,
+                        "loss became nan at epoch 1, step 2", "--lr", f"saved to {out}")
+    assert "last update with a finite loss" in line
+    model, _ = load_model(str(ws / "model"))
+    kept = SteeringUpdate.load(out, model)  # finite, fits, and says it is not a finished run
+    assert "loss became nan" in kept.meta["stopped"] and torch.isfinite(kept.params["delta_b"]).all()
+    log = (out / "train_log.csv").read_text().splitlines()
+    assert log[0].startswith("step,epoch,loss") and len(log) == 2  # the one step that finished
+    assert sorted(p.name for p in out.iterdir()) == ["steer.json", "steer.safetensors", "train_log.csv"]
+
+    # Diverging at the first step leaves nothing to keep, and nothing is written.
+    expect_error(capsys, _train(ws, "--factors", "1e38"), 1, "became inf at epoch 1, step 1",
+                 "nothing was saved", never=ws / "never")
+
+
+def test_debug_shows_the_traceback(ws: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, ["--debug", "fit", ws / "no-sweep.json"])
+    assert code == 2 and "Traceback" in err and err.rstrip().endswith("no-sweep.json: sweep file not found")
