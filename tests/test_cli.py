@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from tiny import tiny_llama, tiny_tokenizer
 
 from splitsteer.cli import main
+from tiny import tiny_llama, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_train_sweep_fit_generate(workdir: Path, capsys: pytest.CaptureFixture[s
     log = (art / "train_log.csv").read_text().splitlines()
     assert log[0].startswith("step,epoch,loss") and len(log) == 1 + 2 * 3
 
-    code, out, err = run_cli(capsys, "sweep", "--model", model, "--steer", art, "--data", data, 
+    code, out, err = run_cli(capsys, "sweep", "--model", model, "--steer", art, "--data", data,
                              "--factors=-20:20:11", "--out", workdir / "sweep.json")
     assert code == 0, err
     sweep = json.loads((workdir / "sweep.json").read_text())

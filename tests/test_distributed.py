@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_llama, tiny_tokenizer
 
 from splitsteer.updates import SteeringUpdate
+from tiny import tiny_llama, tiny_tokenizer
 
 
 def free_port() -> int:

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import random_ids, tiny_model
-from test_updates import random_update
 
+from conftest import random_ids, tiny_model
 from splitsteer.cli import main
 from splitsteer.errors import InputError
 from splitsteer.interop import from_gguf, to_gguf, to_peft
 from splitsteer.updates import SteeringUpdate
+from test_updates import random_update
 
 
 @pytest.mark.parametrize("form", ["lora", "local_weight"])

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_llama, tiny_tokenizer
 
 from splitsteer.errors import ModelError
 from splitsteer.generation import generate
 from splitsteer.models import EMBEDDED, EmbeddedModel, load_model, resolve_model_dir
+from tiny import tiny_llama, tiny_tokenizer
 
 
 def test_missing_embedded_package_names_the_pip_command(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -41,7 +41,7 @@ def test_reps_loss_by_hand() -> None:
     loss, _ = reps_loss(lp_plus, ln_plus, lp_minus, ln_minus, ref_lp, ref_ln)
     # β+ = max(-1 - (-3), 1) = 2 ; Δ+ = 2*(-2) - (-1.5) = -2.5
     # β- = max(-3 - (-1), 1) = 1 ; Δ- = 1*(-0.8) - (-3.5) = 2.7
-    softplus = lambda x: math.log1p(math.exp(-x))  # noqa: E731  (-log σ(x))
+    softplus = lambda x: math.log1p(math.exp(-x))
     assert math.isclose(float(loss), softplus(-2.5) + softplus(2.7), rel_tol=1e-6)
 
 

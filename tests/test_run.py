@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from tiny import tiny_llama, tiny_tokenizer
 
 from splitsteer.cli import main
 from splitsteer.errors import InputError
 from splitsteer.run import demo_config, load_config
+from tiny import tiny_llama, tiny_tokenizer
 
 CONFIG = """
 name: tiny

@@ -10,8 +10,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_run import CONFIG
-from tiny import tiny_llama, tiny_tokenizer
 
 from splitsteer.data import Pair
 from splitsteer.generation import generate
@@ -19,6 +17,8 @@ from splitsteer.models import load_model
 from splitsteer.run import load_config, run_experiment
 from splitsteer.sweep import sweep_losses
 from splitsteer.train import TrainConfig, train_update
+from test_run import CONFIG
+from tiny import tiny_llama, tiny_tokenizer
 
 PAIRS = [Pair(f"Would you take charge {i}?", f"Yes, me {i}.", f"No, not me {i}.") for i in range(8)]
 

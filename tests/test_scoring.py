@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FAMILIES, tiny_model
-from test_updates import random_update
 
+from conftest import FAMILIES, tiny_model
 from splitsteer.render import IGNORE, Rendered, collate, pair_batch
 from splitsteer.scoring import capture_prefix, pair_losses, row_nll, run_tail, steered_tail, sweep_factors
+from test_updates import random_update
 
 
 def rows(seed: int = 0) -> list[Rendered]:

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tiny import tiny_llama, tiny_tokenizer
 
 from splitsteer.data import Pair
 from splitsteer.errors import InputError
 from splitsteer.render import IGNORE, render
 from splitsteer.sweep import parse_factors, sweep, sweep_losses
 from splitsteer.updates import SteeringUpdate
+from tiny import tiny_llama, tiny_tokenizer
 
 PAIRS = [Pair(f"Would you run project {i}{'!' * i}?", f"Yes, I take {i}.", f"No thanks {'really ' * (i % 3)}.")
          for i in range(7)]

@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny import tiny_llama, tiny_tokenizer
 
 from splitsteer.data import Pair
 from splitsteer.errors import InputError
 from splitsteer.render import pad_id, pair_batch, render_pairs
 from splitsteer.scoring import answer_means, layer_output
 from splitsteer.train import TrainConfig, train_update
+from tiny import tiny_llama, tiny_tokenizer
 
 PAIRS = [
     Pair(f"Question {i}: would you take charge of the project?", f"Yes, I will lead it {i}.", f"No, others should {i}.")

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FAMILIES, random_ids, tiny_model
 
+from conftest import FAMILIES, random_ids, tiny_model
 from splitsteer.errors import ArtifactError, InputError, ModelError
 from splitsteer.models import down_proj_path, find_layers, get_module, layer_path, linear_shape
 from splitsteer.updates import SteeringUpdate, steer
@@ -149,9 +149,8 @@ def test_hooks_are_gone_after_the_context(llama: torch.nn.Module) -> None:
     with update.apply(llama, 1.0):
         assert len(module._forward_hooks) == before + 1
     assert len(module._forward_hooks) == before
-    with pytest.raises(RuntimeError):
-        with update.apply(llama, 1.0):
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError), update.apply(llama, 1.0):
+        raise RuntimeError("boom")
     assert len(module._forward_hooks) == before
 
 

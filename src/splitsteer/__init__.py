@@ -9,14 +9,14 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from .data import Pair, PairDataset, load_pairs, read_pairs, registered_datasets  # noqa: E402
-from .errors import ArtifactError, InputError, ModelError, RuntimeFailure, SplitsteerError  # noqa: E402
-from .generation import generate  # noqa: E402
-from .models import load_model  # noqa: E402
-from .sweep import parse_factors as factors  # noqa: E402
-from .sweep import sweep  # noqa: E402
-from .train import TrainConfig, train, train_update  # noqa: E402
-from .updates import SteeringUpdate, steer  # noqa: E402
+from .data import Pair, PairDataset, load_pairs, read_pairs, registered_datasets
+from .errors import ArtifactError, InputError, ModelError, RuntimeFailure, SplitsteerError
+from .generation import generate
+from .models import load_model
+from .sweep import parse_factors as factors
+from .sweep import sweep
+from .train import TrainConfig, train, train_update
+from .updates import SteeringUpdate, steer
 
 
 def fit(sweep_result: dict[str, Any], *, max_util_drop: float = 1.0, **options: Any) -> Any:

@@ -14,9 +14,10 @@ import math
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 # mkstemp/mkdtemp create 0600/0700 entries; outputs should get the usual umask-based modes.
 _UMASK = os.umask(0o022)

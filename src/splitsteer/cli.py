@@ -17,7 +17,7 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -33,17 +33,17 @@ app = typer.Typer(
 # -- shared options --------------------------------------------------------------------
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Embedded name, .gguf file, model directory or hub id.")]
 DtypeOpt = Annotated[str, typer.Option(help="float32, bfloat16 or float16.")]
-DeviceOpt = Annotated[Optional[str], typer.Option(help="Device to load the model on (cpu, cuda, ...).")]
-DeviceMapOpt = Annotated[Optional[str], typer.Option("--device-map", help="accelerate device map, e.g. auto.")]
+DeviceOpt = Annotated[str | None, typer.Option(help="Device to load the model on (cpu, cuda, ...).")]
+DeviceMapOpt = Annotated[str | None, typer.Option("--device-map", help="accelerate device map, e.g. auto.")]
 RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default).")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Registered dataset name or a JSONL/JSON/CSV/Parquet file.")]
-SplitOpt = Annotated[Optional[str], typer.Option(
+SplitOpt = Annotated[str | None, typer.Option(
     help="train, test or all. Default: train for `train`, test otherwise, for registered datasets; files are used whole.")]
-FieldsOpt = Annotated[Optional[str], typer.Option(help="Column mapping, e.g. prompt=q,positive=a,negative=b.")]
-LimitOpt = Annotated[Optional[int], typer.Option(help="Use only the first N pairs.")]
+FieldsOpt = Annotated[str | None, typer.Option(help="Column mapping, e.g. prompt=q,positive=a,negative=b.")]
+LimitOpt = Annotated[int | None, typer.Option(help="Use only the first N pairs.")]
 DataSeedOpt = Annotated[int, typer.Option("--data-seed", help="Seed of the train/test split.")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print machine-readable JSON.")]
-SteerOpt = Annotated[Optional[list[Path]], typer.Option("--steer", help="Steering artifact directory (repeatable).")]
+SteerOpt = Annotated[list[Path] | None, typer.Option("--steer", help="Steering artifact directory (repeatable).")]
 TruncateOpt = Annotated[str, typer.Option(
     "--truncate", help="Examples longer than the model context: error (reject them) or left (cut the prompt's start).")]
 TRUNCATION_POLICIES = ("error", "left")
@@ -189,14 +189,14 @@ def train(
     form: Annotated[str, typer.Option(help="vector, lora or local_weight.")] = "vector",
     layer: Annotated[int, typer.Option(help="Decoder layer of the site.")] = 15,
     epochs: int = 2,
-    lr: Annotated[Optional[float], typer.Option(help="Default 0.08 for vector, 0.01 otherwise.")] = None,
+    lr: Annotated[float | None, typer.Option(help="Default 0.08 for vector, 0.01 otherwise.")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     grad_accum: Annotated[int, typer.Option("--grad-accum")] = 1,
-    factors: Annotated[Optional[str], typer.Option(help="Training factors to sample from (list or a:b:n).")] = None,
+    factors: Annotated[str | None, typer.Option(help="Training factors to sample from (list or a:b:n).")] = None,
     rank: int = 4,
     seed: int = 0,
     limit: LimitOpt = None,
-    weights: Annotated[Optional[str], typer.Option(help="SPLIT weights, e.g. lp=1,ln=0.5,gamma=5,theta=0.4.")] = None,
+    weights: Annotated[str | None, typer.Option(help="SPLIT weights, e.g. lp=1,ln=0.5,gamma=5,theta=0.4.")] = None,
     bidirectional: Annotated[bool, typer.Option("--bidirectional", help="SFT: also train the negative at -m.")] = False,
     positions: Annotated[str, typer.Option(help="all, or answer (steer answer tokens only).")] = "all",
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute activations below the site each step.")] = False,
@@ -349,9 +349,9 @@ def sweep(
 @app.command()
 def fit(
     sweep_json: Annotated[Path, typer.Argument(help="sweep.json from `splitsteer sweep`.")],
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="fit.json to write.")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="PNG of data, fits and regions.")] = None,
-    train_sweep: Annotated[Optional[Path], typer.Option("--train-sweep", help="Fit on this sweep, score on SWEEP_JSON.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="fit.json to write.")] = None,
+    plot: Annotated[Path | None, typer.Option(help="PNG of data, fits and regions.")] = None,
+    train_sweep: Annotated[Path | None, typer.Option("--train-sweep", help="Fit on this sweep, score on SWEEP_JSON.")] = None,
     max_util_drop: Annotated[float, typer.Option("--max-util-drop", help="Allowed UtilOdds drop (nats) for the recommended factor.")] = 1.0,
     starts: int = 24,
     seed: int = 0,
@@ -396,8 +396,8 @@ def manifold(
     data: DataOpt = "power-seeking",
     split: SplitOpt = None,
     factors: Annotated[str, typer.Option(help="List or range start:stop:count.")] = "-20:20:21",
-    plot: Annotated[Optional[Path], typer.Option(help="PNG of projection and off-manifold distance.")] = None,
-    sweep_json: Annotated[Optional[Path], typer.Option("--sweep", help="sweep.json of the same data (else computed).")] = None,
+    plot: Annotated[Path | None, typer.Option(help="PNG of projection and off-manifold distance.")] = None,
+    sweep_json: Annotated[Path | None, typer.Option("--sweep", help="sweep.json of the same data (else computed).")] = None,
     variance: Annotated[float, typer.Option(help="Share of variance the PCA subspace keeps.")] = 0.95,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     truncate: TruncateOpt = "error",
@@ -444,19 +444,19 @@ def evaluate(
     model: ModelOpt = "smollm2-135m-instruct",
     steer: SteerOpt = None,
     factor: Annotated[float, typer.Option(help="Steering factor m.")] = 1.0,
-    select_factors: Annotated[Optional[str], typer.Option(
+    select_factors: Annotated[str | None, typer.Option(
         "--select-factors", help="ab: choose the factor among these on one half, report on the other.")] = None,
     data: DataOpt = "power-seeking-ab",
     split: SplitOpt = None,
-    prompts: Annotated[Optional[Path], typer.Option(help="generate: a text file, one prompt per line.")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="ab: eval.json; generate: outputs .jsonl.")] = None,
+    prompts: Annotated[Path | None, typer.Option(help="generate: a text file, one prompt per line.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="ab: eval.json; generate: outputs .jsonl.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens")] = 64,
     sample: Annotated[bool, typer.Option("--sample")] = False,
     temperature: float = 1.0,
     seed: int = 0,
     metrics: Annotated[bool, typer.Option(help="generate: fluency entropy and perplexity.")] = True,
     judge: Annotated[str, typer.Option(help="generate: none, hf (local, weak) or openai (any compatible endpoint).")] = "none",
-    judge_model: Annotated[Optional[str], typer.Option("--judge-model")] = None,
+    judge_model: Annotated[str | None, typer.Option("--judge-model")] = None,
     concept: Annotated[str, typer.Option(help="generate: the concept the judge looks for.")] = "power-seeking",
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     truncate: TruncateOpt = "error",

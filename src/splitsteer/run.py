@@ -12,8 +12,9 @@ import datetime as _dt
 import itertools
 import os
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -106,7 +107,7 @@ class ExperimentConfig(_Strict):
     eval: EvalSection = EvalSection()
 
     @model_validator(mode="after")
-    def _check_grid(self) -> "ExperimentConfig":
+    def _check_grid(self) -> ExperimentConfig:
         runs = self.expand()
         if not runs:
             raise ValueError("the experiment has no runs (an empty list, or only diffmean with non-vector forms)")
@@ -225,12 +226,21 @@ def _run_parallel(config: ExperimentConfig, specs: list[RunSpec], out_dir: Path,
 
     threads = max(1, (os.cpu_count() or 1) // workers)  # share the cores instead of oversubscribing them
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
+    try:
         futures = {pool.submit(_worker, config.model_dump(), spec.model_dump(), str(out_dir), threads): spec
                    for spec in specs}
         for future in as_completed(futures):
             future.result()  # re-raises a worker's error here
             say(f"{futures[future].name}: finished in a worker")
+    except BaseException:
+        # Interrupted or failed: queued runs are dropped and running workers stopped. A run
+        # records itself (run.json) only when whole, so the next `run` redoes just those.
+        for process in list(getattr(pool, "_processes", {}).values()):
+            process.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown()
 
 
 def _worker(config: dict[str, Any], spec: dict[str, Any], out_dir: str, threads: int) -> None:

@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -99,7 +100,7 @@ class SteeringUpdate:
         site: str | None = None,
         init_std: float = 0.0,
         generator: torch.Generator | None = None,
-    ) -> "SteeringUpdate":
+    ) -> SteeringUpdate:
         """A new update for ``model``. LoRA's A gets ``init_std`` noise (B starts at 0, as
         in LoRA, so ΔW = 0 but gradients still flow); other tensors start at zero."""
         form = check_form(form)
@@ -123,12 +124,12 @@ class SteeringUpdate:
     def parameters(self) -> list[torch.Tensor]:
         return [self.params[name] for name in PARAM_NAMES[self.form]]
 
-    def requires_grad_(self, flag: bool = True) -> "SteeringUpdate":
+    def requires_grad_(self, flag: bool = True) -> SteeringUpdate:
         for tensor in self.parameters():
             tensor.requires_grad_(flag)
         return self
 
-    def detach(self) -> "SteeringUpdate":
+    def detach(self) -> SteeringUpdate:
         return replace(self, params={k: v.detach().clone() for k, v in self.params.items()})
 
     # -- the update itself ---------------------------------------------------------
@@ -147,13 +148,13 @@ class SteeringUpdate:
         return x @ p["delta_w"].T + p["delta_b"]
 
     # -- algebra (repeng-style) ------------------------------------------------------
-    def _check_compatible(self, other: "SteeringUpdate") -> None:
+    def _check_compatible(self, other: SteeringUpdate) -> None:
         if (self.form, self.layer, self.site) != (other.form, other.layer, other.site):
             raise InputError(
                 f"cannot combine a {self.form} update at {self.site} with a {other.form} update at {other.site}"
             )
 
-    def __add__(self, other: "SteeringUpdate") -> "SteeringUpdate":
+    def __add__(self, other: SteeringUpdate) -> SteeringUpdate:
         self._check_compatible(other)
         if self.form == "lora":
             # B1·A1 + B2·A2 = [B1 B2]·[A1; A2]: exact, with the ranks added.
@@ -166,7 +167,7 @@ class SteeringUpdate:
         meta = {"base_model": self.meta.get("base_model"), "method": "combination"}
         return replace(self, params=params, meta=meta)
 
-    def __mul__(self, scale: float) -> "SteeringUpdate":
+    def __mul__(self, scale: float) -> SteeringUpdate:
         if not isinstance(scale, (int, float)):
             return NotImplemented
         params = dict(self.params)
@@ -177,17 +178,17 @@ class SteeringUpdate:
 
     __rmul__ = __mul__
 
-    def __neg__(self) -> "SteeringUpdate":
+    def __neg__(self) -> SteeringUpdate:
         return self * -1.0
 
-    def __sub__(self, other: "SteeringUpdate") -> "SteeringUpdate":
+    def __sub__(self, other: SteeringUpdate) -> SteeringUpdate:
         return self + (-other)
 
     # -- application ---------------------------------------------------------------
     @contextmanager
     def apply(
         self, model: nn.Module, factor: Factor = 1.0, *, token_mask: torch.Tensor | None = None
-    ) -> Iterator["SteeringUpdate"]:
+    ) -> Iterator[SteeringUpdate]:
         """Steer ``model`` inside the block with ``Δh = m·(x·ΔWᵀ + Δb)``.
 
         ``factor`` is a scalar or a tensor of shape (batch,). ``token_mask`` (batch, seq)
@@ -261,7 +262,7 @@ class SteeringUpdate:
         return target
 
     @classmethod
-    def load(cls, directory: str | os.PathLike[str], model: nn.Module | None = None) -> "SteeringUpdate":
+    def load(cls, directory: str | os.PathLike[str], model: nn.Module | None = None) -> SteeringUpdate:
         """Read an artifact; with ``model``, check that it fits that model.
 
         Only JSON and safetensors are read; anything malformed raises :class:`ArtifactError`.
