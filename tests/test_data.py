@@ -272,7 +272,8 @@ def test_empty_answer_names_the_row(tmp_path: Path) -> None:
 
 
 def test_identical_answers_name_the_row(tmp_path: Path) -> None:
-    records = [SCHEMA_RECORDS["generic"], SCHEMA_RECORDS["generic"], {"prompt": "Q", "positive": "same", "negative": "same "}]
+    records = [SCHEMA_RECORDS["generic"], SCHEMA_RECORDS["generic"],
+               {"prompt": "Q", "positive": "same", "negative": "same "}]
     message = error_of(read_pairs, write_records(tmp_path / "same.jsonl", records))
     assert "line 3" in message and "identical" in message
 

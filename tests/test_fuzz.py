@@ -200,7 +200,9 @@ config_like = st.fixed_dictionaries(
 @FUZZ
 @given(st.binary(max_size=200) | st.text(max_size=80).map(str.encode)
        | json_values.map(lambda v: yaml.safe_dump(v).encode()) | config_like.map(lambda d: yaml.safe_dump(d).encode()))
-def test_random_experiment_yaml_gives_only_input_errors(tmp_path_factory: pytest.TempPathFactory, content: bytes) -> None:
+def test_random_experiment_yaml_gives_only_input_errors(
+    tmp_path_factory: pytest.TempPathFactory, content: bytes
+) -> None:
     path = tmp_path_factory.getbasetemp() / "fuzz-experiment.yaml"
     path.write_bytes(content)
     try:

@@ -38,7 +38,8 @@ DeviceMapOpt = Annotated[str | None, typer.Option("--device-map", help="accelera
 RemoteOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Allow model code from the hub (off by default).")]
 DataOpt = Annotated[str, typer.Option("--data", "-d", help="Registered dataset name or a JSONL/JSON/CSV/Parquet file.")]
 SplitOpt = Annotated[str | None, typer.Option(
-    help="train, test or all. Default: train for `train`, test otherwise, for registered datasets; files are used whole.")]
+    help="train, test or all. Default: train for `train`, test otherwise, for registered datasets; "
+    "files are used whole.")]
 FieldsOpt = Annotated[str | None, typer.Option(help="Column mapping, e.g. prompt=q,positive=a,negative=b.")]
 LimitOpt = Annotated[int | None, typer.Option(help="Use only the first N pairs.")]
 DataSeedOpt = Annotated[int, typer.Option("--data-seed", help="Seed of the train/test split.")]
@@ -199,7 +200,8 @@ def train(
     weights: Annotated[str | None, typer.Option(help="SPLIT weights, e.g. lp=1,ln=0.5,gamma=5,theta=0.4.")] = None,
     bidirectional: Annotated[bool, typer.Option("--bidirectional", help="SFT: also train the negative at -m.")] = False,
     positions: Annotated[str, typer.Option(help="all, or answer (steer answer tokens only).")] = "all",
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute activations below the site each step.")] = False,
+    no_cache: Annotated[bool, typer.Option(
+        "--no-cache", help="Recompute activations below the site each step.")] = False,
     truncate: TruncateOpt = "error",
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue from the epoch checkpoint in OUT/checkpoint (same options and data).")] = False,
@@ -236,11 +238,14 @@ def train(
     try:
         try:
             with _progress(steps if world.is_main else 0, f"train {method}/{form}", "step") as bar:
+
+                def show(step: int, total: int, row: dict[str, float]) -> None:
+                    bar.update(step - bar.n)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}")
+
                 result = train_update(
                     lm, tokenizer, pairs, config, data_fingerprint=pairs.fingerprint(), checkpoint_dir=checkpoint,
-                    resume=resume, keep_checkpoint=True,
-                    progress=lambda step, total, row: (bar.update(step - bar.n),
-                                                       bar.set_postfix(loss=f"{row['loss']:.3f}")),
+                    resume=resume, keep_checkpoint=True, progress=show,
                 )
         except NonFiniteLoss as exc:
             if not world.is_main:  # rank 0 alone writes outputs
@@ -311,7 +316,8 @@ def sweep(
     data: DataOpt = "power-seeking",
     split: SplitOpt = None,
     factors: Annotated[str, typer.Option(help="List (-4,-2,0,2,4) or range start:stop:count.")] = "-20:20:21",
-    sum_: Annotated[bool, typer.Option("--sum", help="Summed answer NLL (the paper's Eq. 28) instead of the mean.")] = False,
+    sum_: Annotated[bool, typer.Option(
+        "--sum", help="Summed answer NLL (the paper's Eq. 28) instead of the mean.")] = False,
     positions: Annotated[str, typer.Option(help="all, or answer (steer answer tokens only).")] = "all",
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     truncate: TruncateOpt = "error",
@@ -351,8 +357,10 @@ def fit(
     sweep_json: Annotated[Path, typer.Argument(help="sweep.json from `splitsteer sweep`.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="fit.json to write.")] = None,
     plot: Annotated[Path | None, typer.Option(help="PNG of data, fits and regions.")] = None,
-    train_sweep: Annotated[Path | None, typer.Option("--train-sweep", help="Fit on this sweep, score on SWEEP_JSON.")] = None,
-    max_util_drop: Annotated[float, typer.Option("--max-util-drop", help="Allowed UtilOdds drop (nats) for the recommended factor.")] = 1.0,
+    train_sweep: Annotated[Path | None, typer.Option(
+        "--train-sweep", help="Fit on this sweep, score on SWEEP_JSON.")] = None,
+    max_util_drop: Annotated[float, typer.Option(
+        "--max-util-drop", help="Allowed UtilOdds drop (nats) for the recommended factor.")] = 1.0,
     starts: int = 24,
     seed: int = 0,
     as_json: JsonOpt = False,
@@ -397,7 +405,8 @@ def manifold(
     split: SplitOpt = None,
     factors: Annotated[str, typer.Option(help="List or range start:stop:count.")] = "-20:20:21",
     plot: Annotated[Path | None, typer.Option(help="PNG of projection and off-manifold distance.")] = None,
-    sweep_json: Annotated[Path | None, typer.Option("--sweep", help="sweep.json of the same data (else computed).")] = None,
+    sweep_json: Annotated[Path | None, typer.Option(
+        "--sweep", help="sweep.json of the same data (else computed).")] = None,
     variance: Annotated[float, typer.Option(help="Share of variance the PCA subspace keeps.")] = 0.95,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     truncate: TruncateOpt = "error",
@@ -455,7 +464,8 @@ def evaluate(
     temperature: float = 1.0,
     seed: int = 0,
     metrics: Annotated[bool, typer.Option(help="generate: fluency entropy and perplexity.")] = True,
-    judge: Annotated[str, typer.Option(help="generate: none, hf (local, weak) or openai (any compatible endpoint).")] = "none",
+    judge: Annotated[str, typer.Option(
+        help="generate: none, hf (local, weak) or openai (any compatible endpoint).")] = "none",
     judge_model: Annotated[str | None, typer.Option("--judge-model")] = None,
     concept: Annotated[str, typer.Option(help="generate: the concept the judge looks for.")] = "power-seeking",
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
@@ -511,7 +521,8 @@ def evaluate(
         from .judges import HFJudge, OpenAIJudge, aggregate, judge_outputs
 
         judge_impl = OpenAIJudge(model=judge_model) if judge == "openai" else HFJudge(lm, tokenizer)
-        summary["judges"] = aggregate(judge_outputs(judge_impl, [(concept, p, o) for p, o in zip(prompt_list, outputs)]))
+        judged = [(concept, p, o) for p, o in zip(prompt_list, outputs)]
+        summary["judges"] = aggregate(judge_outputs(judge_impl, judged))
     if out:
         write_jsonl(records, out)
     _emit({**summary, "generations": records}, as_json, [f"[{r['prompt']}]\n{r['output']}\n" for r in records])

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .models import as_causal_lm
 from .render import prompt_text
 from .scoring import chunks, input_device
 from .updates import Factor, SteeringUpdate
@@ -53,7 +54,7 @@ def generate(
             with ExitStack() as stack, torch.no_grad():
                 for update, factor in steering:
                     stack.enter_context(update.apply(model, factor, token_mask=mask))
-                out = model.generate(
+                out = as_causal_lm(model).generate(
                     **enc,
                     max_new_tokens=max_new_tokens,
                     do_sample=do_sample,

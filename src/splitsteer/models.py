@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 import torch
 from torch import nn
@@ -110,7 +110,7 @@ def _convert_gguf(gguf_path: Path, target: Path, model_id: str) -> None:
     )
     # The weights are plain dequantised tensors now; drop the GGUF quantizer so that
     # save_pretrained accepts them.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]  # torch types Module.__setattr__ values as Tensor | Module
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
     model.config._name_or_path = model_id
@@ -217,13 +217,41 @@ def load_model(
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model '{name_or_path}': {first_line}") from exc
     if device is not None and device_map is None:
-        model.to(device)
+        model.to(device)  # type: ignore[arg-type]  # transformers' @wraps(nn.Module.to) hides the bound self
     model.config._name_or_path = model_id
     model.eval()
     model.requires_grad_(False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
+
+
+class CausalLM(Protocol):
+    """The Hugging Face causal-LM methods used here that ``nn.Module`` does not declare."""
+
+    def get_input_embeddings(self) -> nn.Module: ...
+
+    def get_output_embeddings(self) -> nn.Module: ...
+
+    def generate(self, *args: Any, **kwargs: Any) -> torch.Tensor: ...
+
+
+def as_causal_lm(model: nn.Module) -> CausalLM:
+    """``model`` typed as the Hugging Face causal LM it is at run time (no check, no copy)."""
+    return cast(CausalLM, model)
+
+
+def module_weight(module: nn.Module) -> torch.Tensor:
+    """``module.weight`` (of an embedding or an LM head), typed as the tensor it is."""
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise ModelError(f"{type(module).__name__} has no weight tensor")
+    return weight
+
+
+def input_embedding_weight(model: nn.Module) -> torch.Tensor:
+    """The token-embedding matrix, (vocab, hidden)."""
+    return module_weight(as_causal_lm(model).get_input_embeddings())
 
 
 def model_id(model: nn.Module) -> str:
@@ -240,7 +268,7 @@ def num_layers(model: nn.Module) -> int:
 
 
 def hidden_size(model: nn.Module) -> int:
-    return int(model.get_input_embeddings().weight.shape[1])
+    return int(input_embedding_weight(model).shape[1])
 
 
 def find_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:

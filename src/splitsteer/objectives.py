@@ -22,9 +22,9 @@ class SplitWeights(BaseModel):
     """SPLIT's weights; defaults from the authors' released Psychopathy configs."""
 
     model_config = ConfigDict(extra="forbid")
-    lp: float = Field(1.0, ge=0)
-    ln: float = Field(0.5, ge=0)
-    gamma: float = Field(5.0, ge=0)
+    lp: float = Field(default=1.0, ge=0)
+    ln: float = Field(default=0.5, ge=0)
+    gamma: float = Field(default=5.0, ge=0)
     theta: float = 0.4
 
 

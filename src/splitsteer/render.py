@@ -153,7 +153,9 @@ def render_pairs(
     ]
 
 
-def pair_batch(rendered: Sequence[tuple[Rendered, Rendered]], pad_id: int, padding_side: PaddingSide = "right") -> Batch:
+def pair_batch(
+    rendered: Sequence[tuple[Rendered, Rendered]], pad_id: int, padding_side: PaddingSide = "right"
+) -> Batch:
     """Rows ``[pos_0, neg_0, pos_1, neg_1, ...]``: both answers of a pair side by side."""
     return collate([row for pair in rendered for row in pair], pad_id, padding_side)
 

@@ -42,13 +42,13 @@ class TrainSection(_Strict):
     """Training options shared by all runs (method, form and layer come from the grid)."""
 
     split: str = "train"
-    limit: int | None = Field(None, ge=1)
-    epochs: int = Field(2, ge=1)
-    lr: float | None = Field(None, gt=0)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    limit: int | None = Field(default=None, ge=1)
+    epochs: int = Field(default=2, ge=1)
+    lr: float | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
     factors: list[float] | None = None
-    rank: int = Field(4, ge=1)
+    rank: int = Field(default=4, ge=1)
     seed: int = 0
     weights: dict[str, float] = {}
     bidirectional: bool = False
@@ -57,25 +57,25 @@ class TrainSection(_Strict):
 
 class SweepSection(_Strict):
     split: str = "test"
-    limit: int | None = Field(None, ge=1)
+    limit: int | None = Field(default=None, ge=1)
     #: One spec for every form, or one per form.
     factors: str | dict[str, str] = Field(default_factory=lambda: dict(DEFAULT_SWEEP_FACTORS))
-    batch_size: int = Field(8, ge=1)
+    batch_size: int = Field(default=8, ge=1)
     reduction: Literal["mean", "sum"] = "mean"
 
 
 class ManifoldSection(_Strict):
     enabled: bool = True
-    limit: int | None = Field(16, ge=1)
-    variance: float = Field(0.95, gt=0, le=1)
+    limit: int | None = Field(default=16, ge=1)
+    variance: float = Field(default=0.95, gt=0, le=1)
 
 
 class EvalSection(_Strict):
-    ab_limit: int | None = Field(None, ge=1)
+    ab_limit: int | None = Field(default=None, ge=1)
     #: "fit": the fit's recommended factor; "ab-selection": AxBench protocol on held-out halves.
     factor_choice: Literal["fit", "ab-selection"] = "fit"
     prompts: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPTS))
-    max_new_tokens: int = Field(40, ge=1)
+    max_new_tokens: int = Field(default=40, ge=1)
     metrics: bool = True
     judge: Literal["none", "hf", "openai"] = "none"
     judge_model: str | None = None
@@ -92,11 +92,11 @@ class RunSpec(_Strict):
 
 class ExperimentConfig(_Strict):
     name: str = "experiment"
-    models: list[str] = Field(["smollm2-135m-instruct"], min_length=1)
-    datasets: list[str] = Field(["power-seeking"], min_length=1)
-    methods: list[str] = Field(["split"], min_length=1)
-    forms: list[str] = Field(["vector"], min_length=1)
-    layers: list[int] = Field([15], min_length=1)
+    models: list[str] = Field(default=["smollm2-135m-instruct"], min_length=1)
+    datasets: list[str] = Field(default=["power-seeking"], min_length=1)
+    methods: list[str] = Field(default=["split"], min_length=1)
+    forms: list[str] = Field(default=["vector"], min_length=1)
+    layers: list[int] = Field(default=[15], min_length=1)
     #: Explicit runs instead of the full grid; unset keys take the first grid value.
     runs: list[RunSpec] | None = None
     data_seed: int = 0
@@ -112,7 +112,8 @@ class ExperimentConfig(_Strict):
         if not runs:
             raise ValueError("the experiment has no runs (an empty list, or only diffmean with non-vector forms)")
         for run in runs:
-            TrainConfig(method=run.method, form=run.form, layer=run.layer)  # validates names
+            method, form, layer = _grid_choice(run)
+            TrainConfig(method=method, form=form, layer=layer)  # validates names
         return self
 
     def expand(self) -> list[RunSpec]:
@@ -124,9 +125,10 @@ class ExperimentConfig(_Strict):
             specs = [first.model_copy(update={k: v for k, v in r.model_dump().items() if v is not None})
                      for r in self.runs]
         else:
+            grid = itertools.product(self.models, self.datasets, self.methods, self.forms, self.layers)
             specs = [
                 RunSpec(model=m, dataset=d, method=me, form=f, layer=la)
-                for m, d, me, f, la in itertools.product(self.models, self.datasets, self.methods, self.forms, self.layers)
+                for m, d, me, f, la in grid
                 if not (me == "diffmean" and f != "vector")
             ]
         named = []
@@ -145,6 +147,13 @@ class ExperimentConfig(_Strict):
         if duplicates:
             raise ValueError(f"duplicate run names: {', '.join(sorted(str(d) for d in duplicates))}")
         return named
+
+
+def _grid_choice(spec: RunSpec) -> tuple[str, str, int]:
+    """Method, form and layer of an expanded run (``expand`` fills every unset key from the grid)."""
+    if spec.method is None or spec.form is None or spec.layer is None:
+        raise ValueError(f"run {spec.name or ''}: method, form and layer must be set")
+    return spec.method, spec.form, spec.layer
 
 
 def load_config(path: str | os.PathLike[str]) -> ExperimentConfig:
@@ -291,7 +300,8 @@ def _run_one(config: ExperimentConfig, spec: RunSpec, model: Any, tokenizer: Any
         record["loss_log"] = record["train"].pop("loss_log", [])
     else:
         say(f"{name}: training {spec.method}/{spec.form} at layer {spec.layer} on {len(train_pairs)} pairs")
-        cfg = TrainConfig(method=spec.method, form=spec.form, layer=spec.layer, epochs=t.epochs, lr=t.lr,
+        method, form, layer = _grid_choice(spec)
+        cfg = TrainConfig(method=method, form=form, layer=layer, epochs=t.epochs, lr=t.lr,
                           batch_size=t.batch_size, grad_accum=t.grad_accum, factors=t.factors, rank=t.rank,
                           seed=t.seed, weights=SplitWeights(**t.weights), bidirectional=t.bidirectional,
                           positions=t.positions)
@@ -372,7 +382,9 @@ def _load_split(dataset: str, split: str, seed: int) -> Any:
     return train if split == "train" else test
 
 
-def _judge(e: EvalSection, model: Any, tokenizer: Any, spec: RunSpec, generations: list[dict[str, Any]]) -> dict[str, Any]:
+def _judge(
+    e: EvalSection, model: Any, tokenizer: Any, spec: RunSpec, generations: list[dict[str, Any]]
+) -> dict[str, Any]:
     from .judges import HFJudge, OpenAIJudge, aggregate, judge_outputs
 
     judge = OpenAIJudge(model=e.judge_model) if e.judge == "openai" else HFJudge(model, tokenizer)

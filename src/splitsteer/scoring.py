@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .models import final_norm, find_layers
+from .models import as_causal_lm, final_norm, find_layers, input_embedding_weight, module_weight
 from .render import IGNORE, Batch
 from .updates import SteeringUpdate
 
@@ -57,7 +57,7 @@ class Prefix:
 
 
 def input_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
+    return input_embedding_weight(model).device
 
 
 def _uniform_layer_calls(model: nn.Module, start: int) -> bool:
@@ -127,6 +127,7 @@ def _repeat(value: Any, rows: int, repeats: int, memo: dict[int, Any]) -> Any:
         return value
     if id(value) in memo:
         return memo[id(value)]
+    out: Any  # the same structure as ``value``
     if isinstance(value, torch.Tensor):
         out = value
         if value.dim() >= 2 and value.shape[0] == rows and rows > 1:
@@ -168,15 +169,17 @@ def run_tail(model: nn.Module, prefix: Prefix, repeats: int = 1, *, until: int |
     return final_norm(model)(hidden)
 
 
-def answer_logits(model: nn.Module, normed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def answer_logits(
+    model: nn.Module, normed: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LM-head logits at positions that predict answer tokens only.
 
     Returns (logits (N, vocab), target ids (N,), row index of each (N,)).
     """
     next_labels = labels[:, 1:].to(normed.device)
     selected = next_labels != IGNORE
-    head = model.get_output_embeddings()
-    states = normed[:, :-1][selected].to(head.weight.device)
+    head = as_causal_lm(model).get_output_embeddings()
+    states = normed[:, :-1][selected].to(module_weight(head).device)
     logits = head(states)
     # Gemma 2/3 soft-cap their logits in the CausalLM wrapper; the head alone does not.
     cap = getattr(getattr(model.config, "text_config", None) or model.config, "final_logit_softcapping", None)
@@ -186,7 +189,9 @@ def answer_logits(model: nn.Module, normed: torch.Tensor, labels: torch.Tensor) 
     return logits, next_labels[selected].to(logits.device), rows
 
 
-def row_nll(model: nn.Module, normed: torch.Tensor, labels: torch.Tensor, reduction: Reduction = "mean") -> torch.Tensor:
+def row_nll(
+    model: nn.Module, normed: torch.Tensor, labels: torch.Tensor, reduction: Reduction = "mean"
+) -> torch.Tensor:
     """Answer negative log-likelihood per row: mean over answer tokens, or their sum."""
     logits, targets, rows = answer_logits(model, normed, labels)
     nll = F.cross_entropy(logits.float(), targets, reduction="none")

@@ -59,12 +59,12 @@ class TrainConfig(BaseModel):
     method: str = "split"
     form: str = "vector"
     layer: int = 15
-    epochs: int = Field(2, ge=1)
-    lr: float | None = Field(None, gt=0)
-    batch_size: int = Field(8, ge=1)
-    grad_accum: int = Field(1, ge=1)
+    epochs: int = Field(default=2, ge=1)
+    lr: float | None = Field(default=None, gt=0)
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
     factors: list[float] | None = None
-    rank: int = Field(4, ge=1)
+    rank: int = Field(default=4, ge=1)
     seed: int = 0
     weights: SplitWeights = SplitWeights()
     bidirectional: bool = False
@@ -149,7 +149,9 @@ class _PreparedBatch:
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 
 
-def _prepare(model: nn.Module, tokenizer: Any, pairs: Sequence[Any], cfg: TrainConfig, order: list[int]) -> list[_PreparedBatch]:
+def _prepare(
+    model: nn.Module, tokenizer: Any, pairs: Sequence[Any], cfg: TrainConfig, order: list[int]
+) -> list[_PreparedBatch]:
     rendered = render_pairs(tokenizer, pairs, max_length=context_length(model), truncation=cfg.truncation)
     # Group pairs of similar length (after the seeded shuffle, which breaks ties) so batches
     # carry little padding; batch order is still reshuffled every epoch.
@@ -293,7 +295,8 @@ def _optimise(model: nn.Module, update: SteeringUpdate, prepared: list[_Prepared
     examples, step, first_epoch, earlier_seconds = 0, 0, 0, 0.0
     if saved is not None:
         saved.restore(update, optimizer, schedule, generator)
-        log, examples, step, first_epoch, earlier_seconds = saved.log, saved.examples, saved.step, saved.epoch, saved.seconds
+        log, examples, step = saved.log, saved.examples, saved.step
+        first_epoch, earlier_seconds = saved.epoch, saved.seconds
     update.requires_grad_(True)
     factor_set = torch.tensor(cfg.resolved_factors())
     budget = [cfg.cache_budget_mib]
@@ -338,7 +341,7 @@ def _optimise(model: nn.Module, update: SteeringUpdate, prepared: list[_Prepared
                 step += 1
                 local_terms = {k: float(v.detach()) * share for k, v in terms.items()}
                 row = {"step": step, "epoch": epoch + 1, "loss": sum(pending) / len(pending),
-                       "lr": schedule.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "lr": float(schedule.get_last_lr()[0]), "grad_norm": float(grad_norm),
                        **sum_values(local_terms, world)}
                 log.append(row)
                 pending.clear()
@@ -450,8 +453,10 @@ class _Checkpointer:
         except (ValueError, RecursionError) as exc:
             reason = " ".join(str(exc).split())[:200]
             raise ArtifactError(f"{state_path}: invalid checkpoint ({reason}); delete it to start over") from None
-        required: dict[str, type | tuple[type, ...]] = {"format": int, "epoch": int, "step": int, "examples": int, "seconds": (int, float),
-                    "log": list, "scheduler": dict, "lrs": list, "weights": str, "config": dict}
+        required: dict[str, type | tuple[type, ...]] = {
+            "format": int, "epoch": int, "step": int, "examples": int, "seconds": (int, float),
+            "log": list, "scheduler": dict, "lrs": list, "weights": str, "config": dict,
+        }
         if not isinstance(state, dict) or any(not isinstance(state.get(k), t) for k, t in required.items()):
             raise ArtifactError(f"{state_path}: not a splitsteer checkpoint; delete it to start over")
         if state["format"] != CHECKPOINT_FORMAT:
@@ -462,8 +467,9 @@ class _Checkpointer:
         saved, wanted = state["config"], self.identity["config"]
         for key in sorted(set(saved) | set(wanted)):
             if key not in RESUME_FREE_KEYS and saved.get(key) != wanted.get(key):
-                raise InputError(f"--resume: the checkpoint in {self.directory} was made with {key}={saved.get(key)!r}, "
-                                 f"this run has {key}={wanted.get(key)!r}; use the same options or delete it")
+                raise InputError(f"--resume: the checkpoint in {self.directory} was made with "
+                                 f"{key}={saved.get(key)!r}, this run has {key}={wanted.get(key)!r}; "
+                                 "use the same options or delete it")
         for key in ("data_fingerprint", "n_pairs", "base_model", "hidden_size", "num_layers"):
             if state.get(key) != self.identity[key]:
                 what = "data" if key in ("data_fingerprint", "n_pairs") else "model"

@@ -206,8 +206,13 @@ class SteeringUpdate:
     def _make_hook(self, factor: Factor, token_mask: torch.Tensor | None) -> Any:
         def hook(_module: nn.Module, args: tuple[Any, ...], output: Any) -> Any:
             hidden = output[0] if isinstance(output, tuple) else output
-            x = args[0] if args else None
-            delta = self.delta(x) if self.form != "vector" else self.delta(hidden)
+            if self.form == "vector":
+                delta = self.delta(hidden)
+            elif args:
+                delta = self.delta(args[0])
+            else:
+                raise ModelError(f"{self.site}: a {self.form} update needs the module's input, "
+                                 "but the model passes it by keyword")
             delta = _scale(delta, factor, token_mask, hidden)
             steered = hidden + delta
             if isinstance(output, tuple):
