@@ -337,7 +337,7 @@ def _run_one(config: ExperimentConfig, spec: RunSpec, model: Any, tokenizer: Any
         manifold_pairs = test_pairs.head(min(len(test_pairs), config.manifold.limit or len(test_pairs)))
         record["manifold"] = manifold_diagnostics(
             model, tokenizer, update, manifold_pairs, factors, variance=config.manifold.variance,
-            sweep=record["sweep"] if len(manifold_pairs) == len(test_pairs) else None,
+            sweep=record["sweep"],  # the run's sweep: its odds per factor, on the held-out pairs
         )
         write_json(run_dir / "manifold.json", record["manifold"])
         record["plots"]["manifold"] = str(plot_manifold(record["manifold"], run_dir / "manifold.png")
