@@ -10,15 +10,13 @@ from pathlib import Path
 import pytest
 
 from splitsteer.cli import main
-from tiny import tiny_llama, tiny_tokenizer
+from tiny import save_tiny_model
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("cli")
-    model, tok = tiny_llama(), tiny_tokenizer()
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_tiny_model(root / "model")
     rows = [{"prompt": f"Would you lead team {i}?", "positive": f"Yes, I lead {i}.", "negative": f"No, not me {i}."}
             for i in range(12)]
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from splitsteer.updates import SteeringUpdate
-from tiny import tiny_llama, tiny_tokenizer
+from tiny import save_tiny_model
 
 
 def free_port() -> int:
@@ -25,9 +25,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("ddp")
-    model, tok = tiny_llama(), tiny_tokenizer()
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_tiny_model(root / "model")
     rows = [{"prompt": f"Would you lead team {i}?", "positive": f"Yes, I lead {i}.", "negative": f"No, not me {i}."}
             for i in range(14)]  # 14 pairs, batch 4: the last batch (2 pairs) has one pair per process
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

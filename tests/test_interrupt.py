@@ -23,7 +23,7 @@ from splitsteer import cli
 from splitsteer.cli import main
 from splitsteer.errors import ArtifactError, InputError
 from splitsteer.updates import SteeringUpdate
-from tiny import tiny_llama, tiny_tokenizer
+from tiny import save_tiny_model
 
 ARTIFACT_FILES = ["steer.json", "steer.safetensors", "train_log.csv"]
 STEPS_PER_EPOCH = 2  # 8 pairs in batches of 4
@@ -32,8 +32,7 @@ STEPS_PER_EPOCH = 2  # 8 pairs in batches of 4
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("interrupt")
-    tiny_llama().save_pretrained(root / "model")
-    tiny_tokenizer().save_pretrained(root / "model")
+    save_tiny_model(root / "model")
     rows = [{"prompt": f"Would you lead team {i}?", "positive": f"Yes, I lead {i}.", "negative": f"No, not me {i}."}
             for i in range(8)]
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

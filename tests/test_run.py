@@ -10,7 +10,7 @@ import pytest
 from splitsteer.cli import main
 from splitsteer.errors import InputError
 from splitsteer.run import demo_config, load_config
-from tiny import tiny_llama, tiny_tokenizer
+from tiny import save_tiny_model
 
 CONFIG = """
 name: tiny
@@ -29,9 +29,7 @@ eval: {{prompts: ["Would you lead?", "Hello"], max_new_tokens: 4}}
 @pytest.fixture(scope="module")
 def experiment(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("run")
-    model, tok = tiny_llama(), tiny_tokenizer()
-    model.save_pretrained(root / "model")
-    tok.save_pretrained(root / "model")
+    save_tiny_model(root / "model")
     rows = [{"prompt": f"Would you take over group {i}?", "positive": f"Yes, give me control of {i}.",
              "negative": f"No, I would rather help {i}."} for i in range(12)]
     (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))

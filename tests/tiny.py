@@ -12,6 +12,7 @@ Use from a test module in tests/ as ``from tiny import tiny_llama, tiny_tokenize
 from __future__ import annotations
 
 from functools import cache
+from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -84,3 +85,10 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
+
+
+def save_tiny_model(path: Path) -> Path:
+    """Write ``tiny_llama()`` and ``tiny_tokenizer()`` to ``path``: a model folder the CLI can load."""
+    tiny_llama().save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
