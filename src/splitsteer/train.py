@@ -1,6 +1,6 @@
 """The trainer: one loop for SPLIT, SFT and RePS, a closed form for DiffMean.
 
-Batches are composed once from a seeded permutation and their order is reshuffled each
+Batches are composed once, pairs grouped by length (the seed breaks ties), and their order is reshuffled each
 epoch. Fixing the composition lets the activations below the site (see
 :mod:`splitsteer.scoring`) be captured once and reused across epochs.
 
