@@ -38,21 +38,23 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TrainSection(_Strict):
-    """Training options shared by all runs (method, form and layer come from the grid)."""
+class TrainSection(TrainConfig):
+    """Training options shared by all runs: every :class:`TrainConfig` option, plus the split
+    and a limit. Method, form and layer come from the grid, so they are refused here."""
 
     split: str = "train"
     limit: int | None = Field(default=None, ge=1)
-    epochs: int = Field(default=2, ge=1)
-    lr: float | None = Field(default=None, gt=0)
-    batch_size: int = Field(default=8, ge=1)
-    grad_accum: int = Field(default=1, ge=1)
-    factors: list[float] | None = None
-    rank: int = Field(default=4, ge=1)
-    seed: int = 0
-    weights: dict[str, float] = {}
-    bidirectional: bool = False
-    positions: Literal["all", "answer"] = "all"
+
+    @model_validator(mode="after")
+    def _no_grid_keys(self) -> TrainSection:
+        given = sorted({"method", "form", "layer"} & self.model_fields_set)
+        if given:
+            raise ValueError(f"{', '.join(given)} belong to the grid (methods/forms/layers or runs), not train")
+        return self
+
+    def for_run(self, method: str, form: str, layer: int) -> TrainConfig:
+        options = self.model_dump(exclude={"split", "limit", "method", "form", "layer"})
+        return TrainConfig(method=method, form=form, layer=layer, **options)
 
 
 class SweepSection(_Strict):
@@ -237,8 +239,9 @@ def _run_parallel(config: ExperimentConfig, specs: list[RunSpec], out_dir: Path,
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=context)
     try:
-        futures = {pool.submit(_worker, config.model_dump(), spec.model_dump(), str(out_dir), threads): spec
-                   for spec in specs}
+        # Only what the YAML set: re-validating defaults would trip TrainSection's grid-key check.
+        settings = config.model_dump(exclude_unset=True)
+        futures = {pool.submit(_worker, settings, spec.model_dump(), str(out_dir), threads): spec for spec in specs}
         for future in as_completed(futures):
             future.result()  # re-raises a worker's error here
             say(f"{futures[future].name}: finished in a worker")
@@ -279,7 +282,6 @@ def _run_one(config: ExperimentConfig, spec: RunSpec, model: Any, tokenizer: Any
     from .analysis.manifold import manifold_diagnostics, plot_manifold
     from .atomic import csv_text
     from .evaluate import ab_eval, ab_factor_selection, generate_eval, generation_metrics
-    from .objectives import SplitWeights
     from .report import plot_loss
     from .sweep import parse_factors, sweep
     from .train import train_update
@@ -301,10 +303,7 @@ def _run_one(config: ExperimentConfig, spec: RunSpec, model: Any, tokenizer: Any
     else:
         say(f"{name}: training {spec.method}/{spec.form} at layer {spec.layer} on {len(train_pairs)} pairs")
         method, form, layer = _grid_choice(spec)
-        cfg = TrainConfig(method=method, form=form, layer=layer, epochs=t.epochs, lr=t.lr,
-                          batch_size=t.batch_size, grad_accum=t.grad_accum, factors=t.factors, rank=t.rank,
-                          seed=t.seed, weights=SplitWeights(**t.weights), bidirectional=t.bidirectional,
-                          positions=t.positions)
+        cfg = t.for_run(method, form, layer)
         result = train_update(model, tokenizer, train_pairs, cfg, data_fingerprint=train_pairs.fingerprint())
         update = result.update
         update.meta["data"] = {"name": spec.dataset, "split": t.split, "n_pairs": len(train_pairs)}
