@@ -150,7 +150,7 @@ def train_split_authors(
     max_grad_norm: float = 1.0,
 ) -> BaselineResult:
     """SPLIT with the authors' pass structure; ``weights`` = (λp, λn, γ, θ)."""
-    from splitsteer.render import render_pairs  # identical token ids on both sides
+    from splitsteer.render import render_pairs, row_width  # identical token ids and batches on both sides
 
     started = time.perf_counter()
     lam_p, lam_n, gamma, theta = weights
@@ -163,10 +163,11 @@ def train_split_authors(
     rendered = render_pairs(tokenizer, pairs, max_length=limit)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     # splitsteer groups pairs of similar length after the seeded shuffle (a stable sort on the
-    # longer answer's row length); the same composition here, so the same pairs meet the same
-    # factors. This is the only place where the baseline follows a splitsteer convention that
-    # the authors' code does not have: without it the two runs would not see the same batches.
-    order = sorted(order, key=lambda i: max(len(r.ids) for r in rendered[i]))
+    # width of the row holding the prompt and both answers); the same composition here, so the
+    # same pairs meet the same factors. This is the only place where the baseline follows a
+    # splitsteer convention that the authors' code does not have: without it the two runs
+    # would not see the same batches.
+    order = sorted(order, key=lambda i: row_width(rendered[i], packed=True))
     batches = []
     for i in range(0, len(order), batch_size):
         idx = order[i : i + batch_size]

@@ -20,17 +20,20 @@ def _breakdown(model: Any, tokenizer: Any, data: list[Any], layer: int, repeats:
     from authors_baseline import answer_losses
 
     from splitsteer.render import context_length, pad_id, pair_batch, render_pairs
-    from splitsteer.scoring import capture_prefix, layer_output, pair_losses
+    from splitsteer.scoring import capture_prefix, pair_losses
     from splitsteer.updates import SteeringUpdate
 
-    batch = pair_batch(render_pairs(tokenizer, data[:8], max_length=context_length(model)), pad_id(tokenizer))
+    rendered = render_pairs(tokenizer, data[:8], max_length=context_length(model))
+    batch = pair_batch(rendered, pad_id(tokenizer))
+    packed = pair_batch(rendered, pad_id(tokenizer), pack=True)
     inputs = batch.model_inputs()
     update = SteeringUpdate.zeros(model, "vector", layer)
     update.requires_grad_(True)
     factors = torch.full((len(batch),), 4.0)
     prefix = capture_prefix(model, batch, layer)
+    packed_prefix = capture_prefix(model, packed, layer)
 
-    def tail() -> None:
+    def tail(prefix: Any = prefix, factors: torch.Tensor = factors) -> None:
         lp, ln = pair_losses(model, prefix, [update], factors)
         (lp.mean() + ln.mean()).backward()
 
@@ -48,9 +51,11 @@ def _breakdown(model: Any, tokenizer: Any, data: list[Any], layer: int, repeats:
         losses.mean().backward()
 
     pieces = {
-        "capture_prefix (ours: all 30 layers, no head)": lambda: capture_prefix(model, batch, layer),
-        "layers 0..15 only (a capture that stops at the site)": lambda: layer_output(model, batch, layer),
-        "tail 15..29 forward+backward, answer-only head (ours)": tail,
+        "ours: capture_prefix, packed (layers 0..14, one row per pair)": lambda: capture_prefix(model, packed, layer),
+        "ours: tail 15..29 forward+backward, packed, answer-only head":
+            lambda: tail(packed_prefix, factors[: len(packed)]),
+        "capture_prefix, unpacked (layers 0..14, two rows per pair)": lambda: capture_prefix(model, batch, layer),
+        "tail 15..29 forward+backward, unpacked, answer-only head": tail,
         "full forward, full-vocab logits + answer loss (baseline reference pass)": full_with_logits,
         "full forward, no LM head": full_layers_only,
         "steered full forward + backward, full logits (baseline steered pass)": steered_full_backward,
@@ -60,6 +65,7 @@ def _breakdown(model: Any, tokenizer: Any, data: list[Any], layer: int, repeats:
         for name in alternate(r, list(pieces)):
             times[name].append(timed(pieces[name])[0])
     return {"rows": len(batch), "width": int(batch.input_ids.shape[1]),
+            "packed_rows": len(packed), "packed_width": int(packed.input_ids.shape[1]),
             "answer_token_share": float(batch.answer_mask.sum() / batch.attention_mask.sum()),
             "median_s": {name: median(v) for name, v in times.items()}, "runs": times}
 

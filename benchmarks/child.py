@@ -85,10 +85,11 @@ def memory(form: str, n_pairs: int) -> dict[str, float]:
         data = pairs("train", n_pairs)
     else:  # the longest pairs of the whole split: the batch that sets an epoch's peak
         from splitsteer.data import load_pairs
-        from splitsteer.render import render_pairs
+        from splitsteer.render import render_pairs, row_width
 
         split = list(load_pairs("power-seeking", "train"))
-        lengths = [max(len(a.ids), len(b.ids)) for a, b in render_pairs(tokenizer, split)]
+        # The trainer groups pairs by the width of the row holding the prompt and both answers.
+        lengths = [row_width(pair, packed=True) for pair in render_pairs(tokenizer, split)]
         longest = sorted(range(len(split)), key=lambda i: -lengths[i])[: abs(n_pairs)]
         data = [split[i] for i in longest]
     widths = _widths(tokenizer, data)
@@ -103,9 +104,10 @@ def memory(form: str, n_pairs: int) -> dict[str, float]:
 
 
 def _widths(tokenizer: object, data: list[object]) -> list[int]:
-    from splitsteer.render import render_pairs
+    """Widths of the rows the trainer runs: one per pair, the prompt and both answers."""
+    from splitsteer.render import render_pairs, row_width
 
-    return [len(r.ids) for pair in render_pairs(tokenizer, data) for r in pair]
+    return [row_width(pair, packed=True) for pair in render_pairs(tokenizer, data)]
 
 
 def main() -> None:

@@ -169,6 +169,8 @@ def test_layer_form_method_and_usage(ws: Path, capsys: pytest.CaptureFixture[str
     expect_error(capsys, _train(ws, "--form", "bias"), 2, "--form: unknown form 'bias'", never=never)  # 10
     expect_error(capsys, _train(ws, "--method", "dpo"), 2, "--method: unknown method 'dpo'", never=never)
     expect_error(capsys, _train(ws, "--weights", "lp=-1"), 2, "--weights: lp:", never=never)
+    expect_error(capsys, _train(ws, "--max-tokens", "0"), 2, "--max-tokens:", "greater than or equal to 1",
+                 never=never)
     expect_error(capsys, _train(ws, "--bogus"), 2, "No such option: --bogus", "splitsteer train --help",
                  never=never)
     expect_error(capsys, ["sweep", "--steer", ws / "art"], 2, "Missing option '--out'")

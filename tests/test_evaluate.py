@@ -20,6 +20,7 @@ from splitsteer.evaluate import (
     generate_eval,
     generation_metrics,
     judge_factor_selection,
+    option_logprobs,
     select_factor,
     split_indices,
     write_jsonl,
@@ -116,6 +117,24 @@ def test_ab_accuracy_under_steering_matches_hand_steered_forward(model, tokenize
     result = ab_accuracy(model, tokenizer, [update], items, 3.0, batch_size=4)
     assert result["accuracy"] == accuracy
     assert result["mean_pref_odds"] == pytest.approx(odds, abs=1e-5)
+
+
+def test_options_sharing_a_prompt_score_the_same_packed_and_unpacked(model, tokenizer, update) -> None:  # type: ignore[no-untyped-def]
+    items = [Pair(prompt, *AB) for prompt in PROMPTS] + [Pair(PROMPTS[0], *ABC[:2], choices=ABC)]
+    rows: list[int] = []
+    handle = model.model.layers[0].register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    try:
+        packed = option_logprobs(model, tokenizer, [update], items[:4], [0.0, 2.0], batch_size=4)
+    finally:
+        handle.remove()
+    assert rows == [4]  # one row per item, its two options side by side
+    for batch_size in (4, 7):  # 7: a batch mixing two- and three-option items, which stays unpacked
+        plain = option_logprobs(model, tokenizer, [update], items, [0.0, 2.0], batch_size=batch_size, pack=False)
+        again = option_logprobs(model, tokenizer, [update], items, [0.0, 2.0], batch_size=batch_size)
+        for a, b in zip(plain, again, strict=True):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+    for a, b in zip(packed, plain[:4], strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def test_multi_choice_is_correct_only_when_positive_beats_every_option(model, tokenizer) -> None:  # type: ignore[no-untyped-def]

@@ -168,7 +168,8 @@ def test_projection_gain_is_the_vector_component_along_diffmean(setup: dict) -> 
     gain = float(update.params["delta_b"] @ d) / setup["normaliser"]
     zero = FACTORS.index(0.0)
     for m, p in zip(FACTORS, result["projection"]):
-        assert p - result["projection"][zero] == pytest.approx(m * gain, abs=1e-5)
+        # float32 activations: the difference of two projections of size ~35 is exact to ~1e-6 relative
+        assert p - result["projection"][zero] == pytest.approx(m * gain, rel=1e-6, abs=1e-5)
 
 
 def test_unsteered_off_manifold_matches_hand_pca(setup: dict) -> None:

@@ -8,7 +8,16 @@ import torch.nn.functional as F
 
 from conftest import FAMILIES, tiny_model
 from splitsteer.render import IGNORE, Rendered, collate, pair_batch
-from splitsteer.scoring import capture_prefix, pair_losses, row_nll, run_tail, steered_tail, sweep_factors
+from splitsteer.scoring import (
+    can_pack,
+    capture_prefix,
+    pair_losses,
+    pair_rows,
+    row_factors,
+    row_nll,
+    run_tail,
+    steered_tail,
+)
 from test_updates import random_update
 
 
@@ -40,7 +49,7 @@ def test_tail_equals_full_forward(family: str, side: str) -> None:
     for start in (0, 2, 3):
         prefix = capture_prefix(model, batch, start)
         with torch.no_grad():
-            nll = row_nll(model, run_tail(model, prefix), batch.labels)
+            nll = row_nll(model, run_tail(model, prefix), batch)
         expected = torch.tensor([reference_nll(model, r) for r in rows()])
         torch.testing.assert_close(nll, expected, atol=2e-5, rtol=1e-4)
 
@@ -55,7 +64,7 @@ def test_steered_tail_over_factors_equals_separate_steered_forwards(family: str,
     prefix = capture_prefix(model, batch, update.layer)
     factors = [-3.0, 0.0, 2.0]
     with torch.no_grad():
-        lp, ln = pair_losses(model, prefix, [update], sweep_factors(2, factors))
+        lp, ln = pair_losses(model, prefix, [update], row_factors(batch, factors))
     assert lp.shape == ln.shape == (3, 2)
     for fi, f in enumerate(factors):
         for pi, (pos, neg) in enumerate(rendered):
@@ -95,3 +104,103 @@ def test_answer_positions_mask_leaves_prompt_untouched(llama: torch.nn.Module) -
     prompt = batch.attention_mask.bool() & ~batch.answer_mask
     assert torch.equal(steered[prompt], plain[prompt])
     assert not torch.allclose(steered[batch.answer_mask], plain[batch.answer_mask])
+
+
+def shared_prompt_pairs(seed: int = 1) -> list[tuple[Rendered, Rendered]]:
+    """Two pairs whose answers follow one prompt each, of mixed lengths."""
+    g = torch.Generator().manual_seed(seed)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(3, 90, (n,), generator=g).tolist()
+
+    pairs = []
+    for prompt_len, pos_len, neg_len in [(5, 3, 2), (3, 1, 4)]:
+        prompt = ids(prompt_len)
+        pairs.append((Rendered(tuple(prompt + ids(pos_len)), prompt_len),
+                      Rendered(tuple(prompt + ids(neg_len)), prompt_len)))
+    return pairs
+
+
+def test_packed_pairs_layout() -> None:
+    p1, p2 = [1, 5, 7, 9, 3], [2, 8, 4]
+    rendered = [(Rendered(tuple(p1 + [11, 12, 13]), 5), Rendered(tuple(p1 + [14, 15]), 5)),
+                (Rendered(tuple(p2 + [16]), 3), Rendered(tuple(p2 + [17, 18, 19, 20]), 3))]
+    batch = pair_batch(rendered, pad_id=0, pack=True)
+    assert batch.packing is not None and len(batch) == 2 and batch.n_slots == 4
+    assert batch.input_ids.tolist() == [[1, 5, 7, 9, 3, 11, 12, 13, 14, 15], [2, 8, 4, 16, 17, 18, 19, 20, 0, 0]]
+    # The negative answer continues the prompt's positions, as in its own row.
+    assert batch.position_ids.tolist() == [[0, 1, 2, 3, 4, 5, 6, 7, 5, 6], [0, 1, 2, 3, 3, 4, 5, 6, 0, 0]]
+    rows, source, targets, slots = batch.score_index()
+    assert targets.tolist() == [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    assert source.tolist() == [4, 5, 6, 4, 8, 2, 2, 4, 5, 6]  # each answer's first token from the prompt's last
+    assert slots.tolist() == [0, 0, 0, 1, 1, 2, 3, 3, 3, 3] and rows.tolist() == [0] * 5 + [1] * 5
+    allowed = batch.packing.allowed[1]
+    assert allowed[4].tolist() == [True, True, True, False, True] + [False] * 5  # negative skips positive
+    assert allowed[8].tolist() == [True] * 8 + [True, False]  # padding query: real keys and itself
+    mask = batch.model_inputs()["attention_mask"]
+    assert mask.shape == (2, 1, 10, 10) and mask[1, 0, 4, 3] == torch.finfo(torch.float32).min
+    # Tiled for 2 repeats: rows and slots continue in the second copy.
+    rows2, _, _, slots2 = batch.score_index(2)
+    assert rows2.tolist()[10:] == [2] * 5 + [3] * 5 and slots2.tolist()[10:] == [s + 4 for s in slots.tolist()]
+
+
+def test_pairs_with_different_prompts_stay_unpacked() -> None:
+    pairs = shared_prompt_pairs()
+    cut = Rendered(pairs[0][1].ids[1:], pairs[0][1].prompt_len - 1)  # e.g. truncated from the left
+    assert pair_batch([(pairs[0][0], cut)], pad_id=0, pack=True).packing is None
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("form", ["vector", "local_weight"])
+def test_packed_pair_losses_equal_the_models_own_forward(family: str, form: str) -> None:
+    model = tiny_model(family)
+    rendered = shared_prompt_pairs()
+    if not can_pack(model, rendered):
+        # Gemma's tiny sliding window (4 tokens) is shorter than these rows; a wider one packs.
+        assert model.config.sliding_window < max(len(r.ids) for pair in rendered for r in pair)
+        model.config.sliding_window = 64
+        assert can_pack(model, rendered)
+    update = random_update(model, form, layer=2)
+    batch = pair_batch(rendered, pad_id=0, pack=True)
+    assert batch.packing is not None
+    prefix = capture_prefix(model, batch, update.layer)
+    factors = [-3.0, 0.0, 2.0]
+    with torch.no_grad():
+        lp, ln = pair_losses(model, prefix, [update], row_factors(batch, factors))
+    for fi, f in enumerate(factors):
+        for pi, (pos, neg) in enumerate(rendered):
+            assert abs(float(lp[fi, pi]) - reference_nll(model, pos, f, update)) < 5e-5
+            assert abs(float(ln[fi, pi]) - reference_nll(model, neg, f, update)) < 5e-5
+
+
+@pytest.mark.parametrize("positions", ["all", "answer"])
+def test_packed_and_unpacked_losses_and_gradients_agree(llama: torch.nn.Module, positions: str) -> None:
+    rendered = shared_prompt_pairs()
+    results = []
+    for pack in (False, True):
+        update = random_update(llama, "lora", layer=1).requires_grad_()
+        batch = pair_batch(rendered, pad_id=0, pack=pack)
+        prefix = capture_prefix(llama, batch, 1)
+        lp, ln = pair_losses(llama, prefix, [update], pair_rows(batch, torch.tensor([1.5, -2.0])),
+                             positions=positions)
+        (lp.sum() - 0.5 * ln.sum()).backward()
+        results.append((lp.detach(), ln.detach(), [p.grad for p in update.parameters()]))
+    (lp0, ln0, g0), (lp1, ln1, g1) = results
+    torch.testing.assert_close(lp0, lp1, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ln0, ln1, atol=1e-5, rtol=1e-5)
+    for a, b in zip(g0, g1, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_a_single_packed_pair_repeats_over_factors(llama: torch.nn.Module) -> None:
+    pos, neg = shared_prompt_pairs()[0]
+    batch = pair_batch([(pos, neg)], pad_id=0, pack=True)
+    assert len(batch) == 1
+    update = random_update(llama, "vector", layer=1)
+    prefix = capture_prefix(llama, batch, 1)
+    with torch.no_grad():
+        lp, ln = pair_losses(llama, prefix, [update], row_factors(batch, [-1.0, 2.0]))
+    assert lp.shape == (2, 1)
+    for fi, f in enumerate([-1.0, 2.0]):
+        assert abs(float(lp[fi, 0]) - reference_nll(llama, pos, f, update)) < 5e-5
+        assert abs(float(ln[fi, 0]) - reference_nll(llama, neg, f, update)) < 5e-5

@@ -10,7 +10,7 @@ from splitsteer.data import Pair
 from splitsteer.errors import InputError
 from splitsteer.render import pad_id, pair_batch, render_pairs
 from splitsteer.scoring import answer_means, layer_output
-from splitsteer.train import TrainConfig, train_update
+from splitsteer.train import TrainConfig, TrainResult, train_update
 from tiny import tiny_llama, tiny_tokenizer
 
 PAIRS = [
@@ -96,3 +96,50 @@ def test_split_vector_steers_held_out_preference_on_the_embedded_model(smol, tra
     lp, ln = sweep_losses(model, tok, [trained_vector], held_out, [-4.0, 0.0, 4.0])
     pref = (ln - lp).mean(axis=1)
     assert pref[2] > pref[1] > pref[0], pref
+
+
+def train_counting_rows(model: torch.nn.Module, tok: object, cfg: TrainConfig) -> tuple[TrainResult, list[int]]:
+    """Train on PAIRS; also return the rows of every forward through the first decoder layer."""
+    rows: list[int] = []
+    handle = model.model.layers[0].register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    try:
+        return train_update(model, tok, PAIRS, cfg), rows
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("method", ["split", "reps", "sft"])
+def test_packed_pairs_train_like_unpacked_rows(method: str) -> None:
+    model, tok = tiny_llama(), tiny_tokenizer()
+    cfg = TrainConfig(method=method, form="vector", layer=1, epochs=2, batch_size=4, lr=0.05)
+    packed, packed_rows = train_counting_rows(model, tok, cfg)
+    plain, plain_rows = train_counting_rows(model, tok, cfg.model_copy(update={"pack": False}))
+    # One row per pair instead of two: each pair's prompt is computed once.
+    assert packed_rows and set(packed_rows) == {4} and set(plain_rows) == {8}
+    np.testing.assert_allclose([r["loss"] for r in packed.log], [r["loss"] for r in plain.log], rtol=1e-5)
+    torch.testing.assert_close(packed.update.params["delta_b"], plain.update.params["delta_b"], atol=1e-5, rtol=1e-4)
+
+
+def test_training_leaves_the_model_weights_as_they_were() -> None:
+    model, tok = tiny_llama(), tiny_tokenizer()
+    assert all(p.requires_grad for p in model.parameters())  # a model fresh from its config
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_update(model, tok, PAIRS, TrainConfig(layer=1, epochs=1, batch_size=4))
+    assert all(p.requires_grad and p.grad is None for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("method", ["split", "reps"])
+def test_batches_split_by_max_tokens_train_like_whole_batches(method: str) -> None:
+    model, tok = tiny_llama(), tiny_tokenizer()
+    cfg = TrainConfig(method=method, form="lora", layer=1, epochs=2, batch_size=6, lr=0.02)
+    parts, rows_seen = train_counting_rows(model, tok, cfg.model_copy(update={"max_tokens": 40}))
+    whole = train_update(model, tok, PAIRS, cfg)
+    assert max(rows_seen) < 6  # every batch of 6 pairs ran in parts
+    assert len(parts.log) == len(whole.log) == 4
+    for a, b in zip(parts.log, whole.log, strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), key
+    for name, tensor in whole.update.params.items():
+        torch.testing.assert_close(parts.update.params[name], tensor, atol=1e-6, rtol=1e-5)

@@ -202,6 +202,9 @@ def train(
     positions: Annotated[str, typer.Option(help="all, or answer (steer answer tokens only).")] = "all",
     no_cache: Annotated[bool, typer.Option(
         "--no-cache", help="Recompute activations below the site each step.")] = False,
+    max_tokens: Annotated[int, typer.Option(
+        "--max-tokens", help="Tokens per forward at most; larger batches run in parts (same gradients, "
+        "less memory).")] = 2048,
     truncate: TruncateOpt = "error",
     resume: Annotated[bool, typer.Option(
         "--resume", help="Continue from the epoch checkpoint in OUT/checkpoint (same options and data).")] = False,
@@ -229,7 +232,7 @@ def train(
     config = _train_config(method=method, form=form, layer=layer, epochs=epochs, lr=lr, batch_size=batch_size,
                            grad_accum=grad_accum, factors=_parse_factors(factors), rank=rank, seed=seed,
                            weights=_parse_weights(weights), bidirectional=bidirectional, positions=positions,
-                           cache_prefix=not no_cache, truncation=_check_truncate(truncate))
+                           cache_prefix=not no_cache, max_tokens=max_tokens, truncation=_check_truncate(truncate))
     pairs = _load_data(data, split, fields, limit, data_seed, default_split="train")
     lm, tokenizer = _load_model(model, dtype, device, device_map, trust_remote_code)
     checkpoint = out / "checkpoint"

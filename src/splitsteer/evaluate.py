@@ -33,8 +33,8 @@ from .data import Pair
 from .errors import InputError
 from .generation import generate
 from .judges import fluency_entropy, perplexity
-from .render import TruncationPolicy, collate, context_length, pad_id, render
-from .scoring import Reduction, capture_prefix, chunks, row_nll, steered_tail
+from .render import TruncationPolicy, collate, context_length, pack_answers, pad_id, render, shares_prompts
+from .scoring import Reduction, can_pack, capture_prefix, chunks, row_factors, row_nll, steered_tail
 from .updates import SteeringUpdate
 
 __all__ = [
@@ -101,6 +101,7 @@ def option_logprobs(
     reduction: Reduction = "sum",
     max_rows: int = MAX_ROWS,
     truncation: TruncationPolicy = "error",
+    pack: bool = True,
 ) -> list[np.ndarray]:
     """Per item, the log-probability of each option at each factor: arrays (factors, options).
 
@@ -109,7 +110,8 @@ def option_logprobs(
     unsteered capture below the first steered layer; all factors then run as per-row factors in
     tail forwards of at most ``max_rows`` rows (at least one factor each). Factor 0, or no updates,
     is the unsteered model. ``truncation`` is the policy for items longer than the model context
-    (see :func:`splitsteer.render.render`).
+    (see :func:`splitsteer.render.render`). With ``pack``, an item's options share one row where
+    the model allows it, so its prompt is computed once (see :class:`splitsteer.render.Packing`).
     """
     reduction = _check_reduction(reduction)
     factor_list = _check_factors(factors)
@@ -123,22 +125,22 @@ def option_logprobs(
     pad = pad_id(tokenizer)
     results: list[np.ndarray] = []
     for group_index in chunks(range(len(items)), batch_size):
-        rendered = [
-            render(tokenizer, items[i].prompt, option, max_length=limit, truncation=truncation)
+        groups = [
+            [render(tokenizer, items[i].prompt, option, max_length=limit, truncation=truncation)
+             for option in options[i]]
             for i in group_index
-            for option in options[i]
         ]
-        rows = len(rendered)
-        prefix = capture_prefix(model, collate(rendered, pad), start)
+        packed = pack and len({len(g) for g in groups}) == 1 and shares_prompts(groups) and can_pack(model, groups)
+        batch = pack_answers(groups, pad) if packed else collate([r for g in groups for r in g], pad)
+        rows = batch.n_slots  # one per option, in item order
+        prefix = capture_prefix(model, batch, start)
         logp = np.zeros((len(factor_list), rows))
-        per_call = max(1, max_rows // rows)
+        per_call = max(1, max_rows // len(batch))
         for offset in range(0, len(factor_list), per_call):
             chunk = factor_list[offset : offset + per_call]
-            row_factors = torch.tensor([f for f in chunk for _ in range(rows)], dtype=torch.float32)
             with torch.no_grad():
-                normed = steered_tail(model, prefix, updates, row_factors)
-                labels = prefix.batch.labels.repeat(len(chunk), 1)
-                nll = row_nll(model, normed, labels, reduction)
+                normed = steered_tail(model, prefix, updates, row_factors(prefix.batch, chunk))
+                nll = row_nll(model, normed, prefix.batch, len(chunk), reduction)
             logp[offset : offset + len(chunk)] = -nll.view(len(chunk), rows).double().cpu().numpy()
         column = 0
         for i in group_index:

@@ -94,25 +94,93 @@ def render(
 
 
 @dataclass
+class Packing:
+    """Several answers to one prompt in one row: ``[prompt | answer 0 | answer 1 | ...]``.
+
+    Each answer attends to the prompt and to itself only, and its positions continue the
+    prompt's, so every token sees exactly what it would see in its own unpacked row, while
+    the shared prompt is computed once instead of once per answer.
+    """
+
+    #: (rows, width): the position of each token within its own unpacked row.
+    position_ids: torch.Tensor
+    #: (rows, width, width) bool: whether query ``i`` may attend to key ``j``.
+    allowed: torch.Tensor
+    #: (rows, width): the position whose logits predict this answer token; −1 off answers.
+    source: torch.Tensor
+    #: (rows, width): which answer of the row a token belongs to; −1 off answers.
+    answer_index: torch.Tensor
+    #: Answers per row.
+    answers: int
+
+    def to(self, device: torch.device | str) -> Packing:
+        return Packing(self.position_ids.to(device), self.allowed.to(device), self.source.to(device),
+                       self.answer_index.to(device), self.answers)
+
+
+@dataclass
 class Batch:
-    """Padded token batch; ``labels`` hold the answer tokens and ``IGNORE`` elsewhere."""
+    """Padded token batch; ``labels`` hold the answer tokens and ``IGNORE`` elsewhere.
+
+    Unpacked, each row is one (prompt, answer) and is scored as one *slot*. Packed (see
+    :class:`Packing`), each row holds several answers to one prompt and is scored as that
+    many slots, in row order.
+    """
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
     labels: torch.Tensor
     #: True at answer tokens (the positions steered when steering "after the prompt").
     answer_mask: torch.Tensor
+    packing: Packing | None = None
 
     @property
     def position_ids(self) -> torch.Tensor:
+        if self.packing is not None:
+            return self.packing.position_ids
         # Positions count real tokens only, so left and right padding give the same values.
         return (self.attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
-    def model_inputs(self) -> dict[str, torch.Tensor]:
-        return {"input_ids": self.input_ids, "attention_mask": self.attention_mask, "position_ids": self.position_ids}
+    @property
+    def slots_per_row(self) -> int:
+        return self.packing.answers if self.packing is not None else 1
+
+    @property
+    def n_slots(self) -> int:
+        """Answers scored in the batch."""
+        return len(self) * self.slots_per_row
+
+    def model_inputs(self, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """Keyword arguments for the model; ``dtype`` is the model's (for a packed batch's mask)."""
+        mask = self.attention_mask
+        if self.packing is not None:
+            # An additive mask: eager attention adds it to the scores; SDPA accepts it as is.
+            blocked = torch.zeros(self.packing.allowed.shape, dtype=dtype)
+            mask = blocked.masked_fill(~self.packing.allowed, torch.finfo(dtype).min)[:, None]
+        return {"input_ids": self.input_ids, "attention_mask": mask, "position_ids": self.position_ids}
+
+    def score_index(self, repeats: int = 1) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Where each answer token is scored, for the batch tiled ``repeats`` times.
+
+        Returns 1-D tensors (row, source position, target id, slot): the logits at
+        ``(row, source)`` predict ``target``, whose loss belongs to ``slot``.
+        """
+        if self.packing is None:
+            next_labels = self.labels[:, 1:]
+            rows, source = (next_labels != IGNORE).nonzero(as_tuple=True)
+            targets, slots = next_labels[rows, source], rows
+        else:
+            rows, position = (self.labels != IGNORE).nonzero(as_tuple=True)
+            targets = self.labels[rows, position]
+            source = self.packing.source[rows, position]
+            slots = rows * self.packing.answers + self.packing.answer_index[rows, position]
+        tile = torch.arange(repeats, device=rows.device)[:, None]
+        return ((rows + len(self) * tile).flatten(), source.repeat(repeats), targets.repeat(repeats),
+                (slots + self.n_slots * tile).flatten())
 
     def to(self, device: torch.device | str) -> Batch:
-        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels, self.answer_mask)))
+        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
+                     self.answer_mask.to(device), self.packing.to(device) if self.packing is not None else None)
 
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
@@ -154,10 +222,70 @@ def render_pairs(
 
 
 def pair_batch(
-    rendered: Sequence[tuple[Rendered, Rendered]], pad_id: int, padding_side: PaddingSide = "right"
+    rendered: Sequence[tuple[Rendered, Rendered]], pad_id: int, padding_side: PaddingSide = "right",
+    *, pack: bool = False,
 ) -> Batch:
-    """Rows ``[pos_0, neg_0, pos_1, neg_1, ...]``: both answers of a pair side by side."""
+    """Rows ``[pos_0, neg_0, pos_1, neg_1, ...]``: both answers of a pair side by side.
+
+    With ``pack`` (and when every pair's two rows share their prompt tokens), one row per
+    pair holding both answers (see :class:`Packing`); its slots are in the same order.
+    """
+    if pack and padding_side == "right" and shares_prompts(rendered):
+        return pack_answers(rendered, pad_id)
     return collate([row for pair in rendered for row in pair], pad_id, padding_side)
+
+
+def row_width(pair: tuple[Rendered, Rendered], packed: bool) -> int:
+    """Tokens of the widest row a pair needs: one row with both answers, or two rows."""
+    pos, neg = pair
+    return len(pos.ids) + neg.answer_len if packed else max(len(pos.ids), len(neg.ids))
+
+
+def shares_prompts(groups: Sequence[Sequence[Rendered]]) -> bool:
+    """Whether every group's rows start with the same, non-empty prompt tokens."""
+    return all(
+        row.prompt_len == group[0].prompt_len > 0 and row.ids[: row.prompt_len] == group[0].ids[: row.prompt_len]
+        for group in groups
+        for row in group
+    )
+
+
+def pack_answers(groups: Sequence[Sequence[Rendered]], pad_id: int) -> Batch:
+    """One row per group of renderings that share a prompt: the prompt, then each answer."""
+    if not shares_prompts(groups) or len({len(g) for g in groups}) != 1:
+        raise ValueError("packed rows need the same number of answers after one shared prompt each")
+    answers = len(groups[0])
+    lengths = [g[0].prompt_len + sum(r.answer_len for r in g) for g in groups]
+    n, width = len(groups), max(lengths)
+    input_ids = torch.full((n, width), pad_id, dtype=torch.long)
+    attention = torch.zeros((n, width), dtype=torch.long)
+    labels = torch.full((n, width), IGNORE, dtype=torch.long)
+    positions = torch.zeros((n, width), dtype=torch.long)
+    source = torch.full((n, width), -1, dtype=torch.long)
+    answer_index = torch.full((n, width), -1, dtype=torch.long)
+    # Causal; padding keys hidden, but each padding query keeps itself (no empty softmax row).
+    causal = torch.ones(width, width, dtype=torch.bool).tril()
+    allowed = causal.repeat(n, 1, 1)
+    for i, group in enumerate(groups):
+        prompt = group[0].prompt_len
+        input_ids[i, :prompt] = torch.tensor(group[0].ids[:prompt])
+        positions[i, :prompt] = torch.arange(prompt)
+        start = prompt
+        for j, row in enumerate(group):
+            span = slice(start, start + row.answer_len)
+            answer = torch.tensor(row.ids[prompt:])
+            input_ids[i, span] = labels[i, span] = answer
+            positions[i, span] = torch.arange(prompt, len(row.ids))
+            answer_index[i, span] = j
+            # The first answer token is predicted from the prompt's last token.
+            source[i, span] = torch.arange(start - 1, start + row.answer_len - 1)
+            source[i, start] = prompt - 1
+            allowed[i, span, prompt:start] = False  # not the answers before this one
+            start += row.answer_len
+        attention[i, : lengths[i]] = 1
+        allowed[i, :, lengths[i]:] = torch.eye(width, dtype=torch.bool)[:, lengths[i]:]
+    return Batch(input_ids, attention, labels, labels != IGNORE,
+                 Packing(positions, allowed, source, answer_index, answers))
 
 
 def pad_id(tokenizer: Any) -> int:

@@ -1,13 +1,15 @@
 """Per-pair answer losses under steering updates at given factors.
 
-Training and sweeps share this core. Two facts make it fast:
+Training and sweeps share this core. Three facts make it fast:
 
 1. Activations below the steering site do not depend on the update or the factor. One
    unsteered forward captures the input of the first steered layer together with the
    arguments every later layer is called with (masks, rotary embeddings, ...). The
    *tail* (that layer and those above it) then runs from the capture, for as many
    factors or epochs as needed, without recomputing the layers below.
-2. The LM head runs only at positions whose next token is an answer token.
+2. The LM head runs only at positions that predict an answer token.
+3. Both answers of a pair follow one prompt; under one factor they can share one row
+   (:class:`~splitsteer.render.Packing`), so the prompt is computed once.
 
 The capture is architecture-agnostic: it records whatever the model passes to its
 decoder layers through forward pre-hooks, and the tail calls the same layer modules
@@ -26,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import as_causal_lm, final_norm, find_layers, input_embedding_weight, module_weight
-from .render import IGNORE, Batch
+from .render import Batch, Rendered
 from .updates import SteeringUpdate
 
 Reduction = Literal["mean", "sum"]
@@ -58,6 +60,12 @@ class Prefix:
 
 def input_device(model: nn.Module) -> torch.device:
     return input_embedding_weight(model).device
+
+
+def model_inputs(model: nn.Module, batch: Batch) -> dict[str, torch.Tensor]:
+    weight = input_embedding_weight(model)
+    dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+    return {k: v.to(weight.device) for k, v in batch.model_inputs(dtype).items()}
 
 
 def _uniform_layer_calls(model: nn.Module, start: int) -> bool:
@@ -102,7 +110,7 @@ def capture_prefix(model: nn.Module, batch: Batch, start: int, *, keep_base: boo
         for layer in list(layers)[start:]:
             stack.callback(layer.register_forward_pre_hook(on_layer, with_kwargs=True).remove)
         stack.callback(final_norm(model).register_forward_pre_hook(on_final_norm).remove)
-        inputs = {k: v.to(input_device(model)) for k, v in batch.model_inputs().items()}
+        inputs = model_inputs(model, batch)
         try:
             model(**inputs, use_cache=False)
         except _StopForward:
@@ -121,7 +129,9 @@ def _repeat(value: Any, rows: int, repeats: int, memo: dict[int, Any]) -> Any:
     """Repeat batch-shaped tensors ``repeats`` times along the batch (factor-major rows).
 
     Only tensors of rank ≥ 2 whose first dimension is the batch are batch-shaped; rank-1
-    tensors (e.g. cache positions) and size-1 leading dimensions broadcast as they are.
+    tensors (e.g. cache positions) and, in a batch of several rows, size-1 leading dimensions
+    broadcast as they are. In a batch of one row every size-1 leading dimension is repeated:
+    the batch's own tensors must be, and a broadcast one gives the same result repeated.
     """
     if repeats == 1:
         return value
@@ -130,7 +140,7 @@ def _repeat(value: Any, rows: int, repeats: int, memo: dict[int, Any]) -> Any:
     out: Any  # the same structure as ``value``
     if isinstance(value, torch.Tensor):
         out = value
-        if value.dim() >= 2 and value.shape[0] == rows and rows > 1:
+        if value.dim() >= 2 and value.shape[0] == rows:
             out = value.repeat(repeats, *([1] * (value.dim() - 1)))
     elif isinstance(value, tuple):
         out = tuple(_repeat(v, rows, repeats, memo) for v in value)
@@ -170,43 +180,35 @@ def run_tail(model: nn.Module, prefix: Prefix, repeats: int = 1, *, until: int |
 
 
 def answer_logits(
-    model: nn.Module, normed: torch.Tensor, labels: torch.Tensor
+    model: nn.Module, normed: torch.Tensor, batch: Batch, repeats: int = 1
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """LM-head logits at positions that predict answer tokens only.
 
-    Returns (logits (N, vocab), target ids (N,), row index of each (N,)).
+    ``normed`` is the final-norm output of ``batch`` tiled ``repeats`` times. Returns
+    (logits (N, vocab), target ids (N,), slot of each (N,)); see :meth:`Batch.score_index`.
     """
-    next_labels = labels[:, 1:].to(normed.device)
-    selected = next_labels != IGNORE
+    rows, source, targets, slots = (t.to(normed.device) for t in batch.score_index(repeats))
     head = as_causal_lm(model).get_output_embeddings()
-    states = normed[:, :-1][selected].to(module_weight(head).device)
-    logits = head(states)
+    logits = head(normed[rows, source].to(module_weight(head).device))
     # Gemma 2/3 soft-cap their logits in the CausalLM wrapper; the head alone does not.
     cap = getattr(getattr(model.config, "text_config", None) or model.config, "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
-    rows = selected.nonzero()[:, 0].to(logits.device)
-    return logits, next_labels[selected].to(logits.device), rows
+    return logits, targets.to(logits.device), slots.to(logits.device)
 
 
 def row_nll(
-    model: nn.Module, normed: torch.Tensor, labels: torch.Tensor, reduction: Reduction = "mean"
+    model: nn.Module, normed: torch.Tensor, batch: Batch, repeats: int = 1, reduction: Reduction = "mean"
 ) -> torch.Tensor:
-    """Answer negative log-likelihood per row: mean over answer tokens, or their sum."""
-    logits, targets, rows = answer_logits(model, normed, labels)
+    """Answer negative log-likelihood per slot (one per answer, ``repeats`` × the batch's
+    slots, repeat-major): mean over answer tokens, or their sum."""
+    logits, targets, slots = answer_logits(model, normed, batch, repeats)
     nll = F.cross_entropy(logits.float(), targets, reduction="none")
-    total = torch.zeros(labels.shape[0], device=nll.device, dtype=nll.dtype).index_add(0, rows, nll)
+    total = torch.zeros(batch.n_slots * repeats, device=nll.device, dtype=nll.dtype).index_add(0, slots, nll)
     if reduction == "sum":
         return total
-    counts = torch.zeros_like(total).index_add(0, rows, torch.ones_like(nll))
+    counts = torch.zeros_like(total).index_add(0, slots, torch.ones_like(nll))
     return total / counts.clamp(min=1)
-
-
-def row_logprobs(model: nn.Module, normed: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per answer token log-probabilities, with the row of each (for RePS-style losses)."""
-    logits, targets, rows = answer_logits(model, normed, labels)
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, targets[:, None])[:, 0]
-    return logp, rows
 
 
 def steered_tail(
@@ -245,19 +247,37 @@ def pair_losses(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(Lp, Ln) per pair and factor for a prefix of pair rows ``[pos_0, neg_0, ...]``.
 
-    ``factors`` has one value per row of the expanded batch; the result has shape
-    (repeats, pairs) each.
+    ``factors`` has one value per row of the expanded batch (a packed batch has one row
+    per pair; see :func:`row_factors`); the result has shape (repeats, pairs) each.
     """
     normed = steered_tail(model, prefix, updates, factors, positions=positions)
     repeats = factors.numel() // prefix.hidden.shape[0]
-    labels = prefix.batch.labels.repeat(repeats, 1)
-    losses = row_nll(model, normed, labels, reduction).view(repeats, -1, 2)
+    losses = row_nll(model, normed, prefix.batch, repeats, reduction).view(repeats, -1, 2)
     return losses[..., 0], losses[..., 1]
 
 
-def sweep_factors(pairs: int, factors: Sequence[float]) -> torch.Tensor:
-    """Per-row factors for ``len(factors)`` repeats of a batch of ``pairs`` pairs."""
-    return torch.tensor([f for f in factors for _ in range(2 * pairs)], dtype=torch.float32)
+def row_factors(batch: Batch, factors: Sequence[float] | torch.Tensor) -> torch.Tensor:
+    """Per-row factors for ``len(factors)`` repeats of ``batch``, one factor per repeat."""
+    return torch.as_tensor(factors, dtype=torch.float32).repeat_interleave(len(batch))
+
+
+def can_pack(model: nn.Module, rendered: Sequence[Sequence[Rendered]]) -> bool:
+    """Whether the answers that share a prompt can share one row (:class:`~splitsteer.render.Packing`).
+
+    The attention must take a custom mask (eager or SDPA), and a sliding window or attention
+    chunk, which a custom mask would override, must cover every unpacked row.
+    """
+    config = getattr(model.config, "text_config", None) or model.config
+    if getattr(config, "_attn_implementation", None) not in ("eager", "sdpa"):
+        return False
+    longest = max((len(r.ids) for group in rendered for r in group), default=0)
+    windows = [getattr(config, k, None) for k in ("sliding_window", "attention_chunk_size")]
+    return all(not isinstance(w, int) or longest <= w for w in windows)
+
+
+def pair_rows(batch: Batch, per_pair: torch.Tensor) -> torch.Tensor:
+    """Per-row factors from per-pair ones: both answers of a pair under the same factor."""
+    return per_pair.repeat_interleave(2 // batch.slots_per_row)
 
 
 def chunks(seq: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -278,7 +298,7 @@ def layer_output(model: nn.Module, batch: Batch, layer: int) -> torch.Tensor:
 
     handle = layers[layer].register_forward_hook(on_output)
     try:
-        model(**{k: v.to(input_device(model)) for k, v in batch.model_inputs().items()}, use_cache=False)
+        model(**model_inputs(model, batch), use_cache=False)
     except _StopForward:
         pass
     finally:

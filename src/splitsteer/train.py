@@ -16,7 +16,8 @@ import json
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,15 +32,17 @@ from .distributed import current_world, sum_gradients, sum_tensor, sum_values
 from .errors import ArtifactError, InputError, RuntimeFailure
 from .models import check_layer, final_norm, hidden_size, model_id, num_layers
 from .objectives import METHODS, SplitWeights, diffmean, reps_loss, sft_loss, split_loss
-from .render import Batch, TruncationPolicy, context_length, pad_id, pair_batch, render_pairs
+from .render import Batch, Rendered, TruncationPolicy, context_length, pad_id, pair_batch, render_pairs, row_width
 from .scoring import (
     Positions,
     Prefix,
     answer_means,
+    can_pack,
     capture_prefix,
     chunks,
     layer_output,
     pair_losses,
+    pair_rows,
     row_nll,
 )
 from .updates import FORMS, PARAM_NAMES, SteeringUpdate
@@ -74,6 +77,12 @@ class TrainConfig(BaseModel):
     max_grad_norm: float = 1.0
     cache_prefix: bool = True
     cache_budget_mib: float = 2048.0
+    #: Tokens (rows × padded width) per forward at most: larger batches run in parts whose
+    #: gradients add up to the batch's, which bounds the activations kept for the backward.
+    max_tokens: int = Field(default=2048, ge=1)
+    #: Compute each pair's shared prompt once, both answers in one row (exact; see
+    #: ``render.Packing``). Used where the objective and the model allow it.
+    pack: bool = True
 
     @field_validator("method")
     @classmethod
@@ -137,13 +146,25 @@ class NonFiniteLoss(RuntimeFailure):
 
 
 @dataclass
-class _PreparedBatch:
-    #: This process's share of the batch (all of it without data parallelism).
+class _Part:
+    """Pairs that run through the model together: a batch, or a slice of one."""
+
     batch: Batch
-    #: Pairs in the whole batch, across processes.
-    n_pairs: int
     prefix: Prefix | None = None
     ref: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @property
+    def n_pairs(self) -> int:
+        return self.batch.n_slots // 2
+
+
+@dataclass
+class _PreparedBatch:
+    #: This process's share of the batch (all of it without data parallelism), in parts
+    #: of at most ``max_tokens`` tokens; their gradients add up to the batch's.
+    parts: list[_Part]
+    #: Pairs in the whole batch, across processes.
+    n_pairs: int
 
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
@@ -155,27 +176,56 @@ def _prepare(
     rendered = render_pairs(tokenizer, pairs, max_length=context_length(model), truncation=cfg.truncation)
     # Group pairs of similar length (after the seeded shuffle, which breaks ties) so batches
     # carry little padding; batch order is still reshuffled every epoch.
-    order = sorted(order, key=lambda i: max(len(r.ids) for r in rendered[i]))
+    pack = cfg.pack and _packable(cfg) and can_pack(model, rendered)
+    order = sorted(order, key=lambda i: row_width(rendered[i], pack))
     world = current_world()
     batches = list(chunks(order, cfg.batch_size))
     if world.size > 1 and min(len(b) for b in batches) < world.size:
         raise InputError(f"--batch-size {cfg.batch_size} with {len(order)} pairs leaves a batch of fewer pairs than "
                          f"the {world.size} processes; choose a batch size so that every batch has at least "
                          f"{world.size} pairs")
+    # RePS runs every row at +m and −m in one forward: twice the tokens. DiffMean keeps no
+    # activations for a backward pass, so its batches need no parts.
+    budget = cfg.max_tokens // (2 if cfg.method == "reps" else 1) if cfg.method != "diffmean" else math.inf
     return [
-        _PreparedBatch(pair_batch([rendered[i] for i in world.shard(idx)], pad_id(tokenizer)), len(idx))
+        _PreparedBatch([_Part(pair_batch([rendered[i] for i in part], pad_id(tokenizer), pack=pack))
+                        for part in _split_by_tokens(world.shard(idx), rendered, pack, budget)], len(idx))
         for idx in batches
     ]
 
 
-def _prefix_for(model: nn.Module, prepared: _PreparedBatch, cfg: TrainConfig, budget: list[float]) -> Prefix:
+def _split_by_tokens(indices: Sequence[int], rendered: Sequence[tuple[Rendered, Rendered]], pack: bool,
+                     budget: float) -> list[list[int]]:
+    """Consecutive slices of ``indices`` whose padded rows hold at most ``budget`` tokens
+    (a single pair over the budget runs alone)."""
+    rows_per_pair = 1 if pack else 2
+    parts: list[list[int]] = [[]]
+    widest = 0
+    for i in indices:
+        width = max(widest, row_width(rendered[i], pack))
+        if parts[-1] and (len(parts[-1]) + 1) * rows_per_pair * width > budget:
+            parts.append([])
+            width = row_width(rendered[i], pack)
+        parts[-1].append(i)
+        widest = width
+    return parts
+
+
+def _packable(cfg: TrainConfig) -> bool:
+    """Whether both answers of a pair are steered alike, so that they can share one row:
+    DiffMean averages unpacked rows, and bidirectional SFT steers the two answers of a pair
+    with opposite factors."""
+    return cfg.method != "diffmean" and not (cfg.method == "sft" and cfg.bidirectional)
+
+
+def _prefix_for(model: nn.Module, prepared: _Part, cfg: TrainConfig, budget: list[float]) -> Prefix:
     """The batch's captured prefix, kept while it fits in the cache budget (MiB)."""
     if prepared.prefix is not None:
         return prepared.prefix
     prefix = capture_prefix(model, prepared.batch, cfg.layer, keep_base=cfg.method == "reps" and prepared.ref is None)
     if prefix.base_final is not None:
         with torch.no_grad():
-            ref = row_nll(model, final_norm(model)(prefix.base_final), prepared.batch.labels)
+            ref = row_nll(model, final_norm(model)(prefix.base_final), prepared.batch)
         prepared.ref = (ref[0::2].detach(), ref[1::2].detach())  # reference losses never change
         prefix.base_final = None
     size = prefix.nbytes() / 2**20
@@ -185,10 +235,10 @@ def _prefix_for(model: nn.Module, prepared: _PreparedBatch, cfg: TrainConfig, bu
     return prefix
 
 
-def _step_loss(model: nn.Module, update: SteeringUpdate, prefix: Prefix, prepared: _PreparedBatch,
+def _step_loss(model: nn.Module, update: SteeringUpdate, prefix: Prefix, prepared: _Part,
                m: torch.Tensor, cfg: TrainConfig) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The objective for one batch given per-pair factors ``m``."""
-    rows = m.repeat_interleave(2)  # both answers of a pair under the same factor
+    rows = pair_rows(prefix.batch, m)  # both answers of a pair under the same factor
     if cfg.method == "split":
         lp, ln = pair_losses(model, prefix, [update], rows, positions=cfg.positions)
         return split_loss(lp[0], ln[0], cfg.weights)
@@ -257,7 +307,8 @@ def train_update(
         seconds = time.perf_counter() - started
         return TrainResult(update, [], seconds, len(pairs))
     try:
-        result = _optimise(model, update, prepared, cfg, generator, started, progress, checkpoint, saved)
+        with _frozen(model):
+            result = _optimise(model, update, prepared, cfg, generator, started, progress, checkpoint, saved)
     except NonFiniteLoss:
         if checkpoint is not None and not keep_checkpoint:
             remove_checkpoint(checkpoint.directory)
@@ -267,10 +318,24 @@ def train_update(
     return result
 
 
+@contextmanager
+def _frozen(model: nn.Module) -> Iterator[None]:
+    """Model weights without gradients while training: backward then computes no weight
+    gradients (a third of its cost) and leaves no ``.grad`` on the model."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for param in trainable:
+        param.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for param in trainable:
+            param.requires_grad_(True)
+
+
 def _diffmean_vector(model: nn.Module, prepared: list[_PreparedBatch], layer: int) -> torch.Tensor:
     pos, neg = [], []
-    for item in prepared:
-        means = answer_means(layer_output(model, item.batch, layer), item.batch.answer_mask)
+    for part in (part for item in prepared for part in item.parts):
+        means = answer_means(layer_output(model, part.batch, layer), part.batch.answer_mask)
         pos.append(means[0::2])
         neg.append(means[1::2])
     world = current_world()
@@ -308,17 +373,24 @@ def _optimise(model: nn.Module, update: SteeringUpdate, prepared: list[_Prepared
         batch_order = torch.randperm(len(prepared), generator=generator).tolist()
         for position, index in enumerate(batch_order):
             item = prepared[index]
-            prefix = _prefix_for(model, item, cfg, budget)
             n_pairs = item.n_pairs
             # Every process draws the whole batch's factors, then keeps its own pairs' ones.
-            m = factor_set[torch.randint(len(factor_set), (n_pairs,), generator=generator)]
-            loss, terms = _step_loss(model, update, prefix, item, m[world.rank :: world.size], cfg)
-            # Weighted by this process's share, the processes' losses add up to the batch mean.
-            share = (len(item.batch) // 2) / n_pairs
-            status = sum_values({"loss": float(loss.detach()) * share}, world)["loss"]
+            m = factor_set[torch.randint(len(factor_set), (n_pairs,), generator=generator)][world.rank :: world.size]
+            local_loss, local_terms = 0.0, dict[str, float]()
+            for part in item.parts:
+                prefix = _prefix_for(model, part, cfg, budget)
+                loss, terms = _step_loss(model, update, prefix, part, m[: part.n_pairs], cfg)
+                m = m[part.n_pairs :]
+                # Weighted by their shares, the parts' losses (and every process's) add up to the
+                # batch mean, and so do their gradients.
+                share = part.n_pairs / n_pairs
+                (loss * share / cfg.grad_accum).backward()
+                local_loss += float(loss.detach()) * share
+                for key, value in terms.items():
+                    local_terms[key] = local_terms.get(key, 0.0) + float(value.detach()) * share
+            status = sum_values({"loss": local_loss}, world)["loss"]
             if not math.isfinite(status):
                 raise _diverged(f"loss became {status} at epoch {epoch + 1}, step {step + 1}", last_good, log)
-            (loss * share / cfg.grad_accum).backward()
             pending.append(status)
             examples += n_pairs
             if (position + 1) % cfg.grad_accum == 0 or position + 1 == len(batch_order):
@@ -339,7 +411,6 @@ def _optimise(model: nn.Module, update: SteeringUpdate, prepared: list[_Prepared
                 schedule.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-                local_terms = {k: float(v.detach()) * share for k, v in terms.items()}
                 row = {"step": step, "epoch": epoch + 1, "loss": sum(pending) / len(pending),
                        "lr": float(schedule.get_last_lr()[0]), "grad_norm": float(grad_norm),
                        **sum_values(local_terms, world)}
@@ -366,7 +437,7 @@ def _diverged(message: str, last_good: SteeringUpdate, log: list[dict[str, float
 CHECKPOINT_STATE = "state.json"
 CHECKPOINT_FORMAT = 1
 #: TrainConfig keys that do not change the result, so a resumed run may change them.
-RESUME_FREE_KEYS = frozenset({"cache_prefix", "cache_budget_mib"})
+RESUME_FREE_KEYS = frozenset({"cache_prefix", "cache_budget_mib", "pack", "max_tokens"})
 
 
 def _identity(model: nn.Module, cfg: TrainConfig, pairs: Sequence[Any], fingerprint: str | None) -> dict[str, Any]:

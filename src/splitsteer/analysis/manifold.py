@@ -55,8 +55,8 @@ from splitsteer.scoring import (
     capture_prefix,
     chunks,
     layer_output,
+    row_factors,
     steered_tail,
-    sweep_factors,
 )
 from splitsteer.sweep import parse_factors
 from splitsteer.sweep import sweep as run_sweep
@@ -232,7 +232,7 @@ def manifold_diagnostics(
         for offset in range(0, len(factor_list), per_call):
             chunk = factor_list[offset : offset + per_call]
             with torch.no_grad():
-                hidden = steered_tail(model, prefix, [update], sweep_factors(rows // 2, chunk),
+                hidden = steered_tail(model, prefix, [update], row_factors(batch, chunk),
                                       positions=positions, until=update.layer)
             hidden = hidden.float().view(len(chunk), rows, *hidden.shape[1:])
             mask = batch.answer_mask.to(hidden.device)
