@@ -51,7 +51,7 @@ def _row(d: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    print("| benchmark | figure | ours (median) | baseline (median) | target; agreement | |")
+    print("| benchmark | figure | ours | baseline | target; agreement | |")
     print("|---|---|---|---|---|---|")
     for name in ORDER:
         path = RESULTS / f"{name}.json"
