@@ -204,3 +204,13 @@ def test_a_single_packed_pair_repeats_over_factors(llama: torch.nn.Module) -> No
     for fi, f in enumerate([-1.0, 2.0]):
         assert abs(float(lp[fi, 0]) - reference_nll(llama, pos, f, update)) < 5e-5
         assert abs(float(ln[fi, 0]) - reference_nll(llama, neg, f, update)) < 5e-5
+
+
+def test_prefix_size_counts_the_layer_arguments(llama: torch.nn.Module) -> None:
+    batch = pair_batch(shared_prompt_pairs(), pad_id=0, pack=True)
+    prefix = capture_prefix(llama, batch, 1)
+    hidden = prefix.hidden.numel() * 4
+    mask = len(batch) * batch.input_ids.shape[1] ** 2 * 4  # the packed batch's float mask, counted once
+    cos_sin = 2 * len(batch) * batch.input_ids.shape[1] * llama.config.head_dim * 4
+    positions = batch.position_ids.numel() * 8
+    assert prefix.nbytes() == hidden + mask + cos_sin + positions

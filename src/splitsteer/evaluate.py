@@ -33,7 +33,7 @@ from .data import Pair
 from .errors import InputError
 from .generation import generate
 from .judges import fluency_entropy, perplexity
-from .render import TruncationPolicy, collate, context_length, pack_answers, pad_id, render, shares_prompts
+from .render import TruncationPolicy, answers_batch, context_length, pad_id, render
 from .scoring import Reduction, can_pack, capture_prefix, chunks, row_factors, row_nll, steered_tail
 from .updates import SteeringUpdate
 
@@ -130,8 +130,7 @@ def option_logprobs(
              for option in options[i]]
             for i in group_index
         ]
-        packed = pack and len({len(g) for g in groups}) == 1 and shares_prompts(groups) and can_pack(model, groups)
-        batch = pack_answers(groups, pad) if packed else collate([r for g in groups for r in g], pad)
+        batch = answers_batch(groups, pad, pack=pack and can_pack(model, groups))
         rows = batch.n_slots  # one per option, in item order
         prefix = capture_prefix(model, batch, start)
         logp = np.zeros((len(factor_list), rows))

@@ -225,14 +225,22 @@ def pair_batch(
     rendered: Sequence[tuple[Rendered, Rendered]], pad_id: int, padding_side: PaddingSide = "right",
     *, pack: bool = False,
 ) -> Batch:
-    """Rows ``[pos_0, neg_0, pos_1, neg_1, ...]``: both answers of a pair side by side.
+    """Rows ``[pos_0, neg_0, pos_1, neg_1, ...]``: both answers of a pair side by side, or
+    with ``pack`` one row per pair where :func:`answers_batch` can pack them."""
+    return answers_batch(rendered, pad_id, padding_side, pack=pack)
 
-    With ``pack`` (and when every pair's two rows share their prompt tokens), one row per
-    pair holding both answers (see :class:`Packing`); its slots are in the same order.
+
+def answers_batch(
+    groups: Sequence[Sequence[Rendered]], pad_id: int, padding_side: PaddingSide = "right", *, pack: bool = False
+) -> Batch:
+    """A batch of every rendering, scored in group order (slot ``k`` is the ``k``-th rendering).
+
+    With ``pack``, when the groups are the same size and each shares its prompt tokens, one
+    row per group holding all its answers (see :class:`Packing`); otherwise one row each.
     """
-    if pack and padding_side == "right" and shares_prompts(rendered):
-        return pack_answers(rendered, pad_id)
-    return collate([row for pair in rendered for row in pair], pad_id, padding_side)
+    if pack and padding_side == "right" and len({len(g) for g in groups}) == 1 and shares_prompts(groups):
+        return _pack_answers(groups, pad_id)
+    return collate([row for group in groups for row in group], pad_id, padding_side)
 
 
 def row_width(pair: tuple[Rendered, Rendered], packed: bool) -> int:
@@ -250,10 +258,8 @@ def shares_prompts(groups: Sequence[Sequence[Rendered]]) -> bool:
     )
 
 
-def pack_answers(groups: Sequence[Sequence[Rendered]], pad_id: int) -> Batch:
-    """One row per group of renderings that share a prompt: the prompt, then each answer."""
-    if not shares_prompts(groups) or len({len(g) for g in groups}) != 1:
-        raise ValueError("packed rows need the same number of answers after one shared prompt each")
+def _pack_answers(groups: Sequence[Sequence[Rendered]], pad_id: int) -> Batch:
+    """One row per group (equal sizes, one shared prompt each): the prompt, then each answer."""
     answers = len(groups[0])
     lengths = [g[0].prompt_len + sum(r.answer_len for r in g) for g in groups]
     n, width = len(groups), max(lengths)

@@ -54,8 +54,22 @@ class Prefix:
     base_final: torch.Tensor | None = None
 
     def nbytes(self) -> int:
-        extra = self.base_final.numel() * self.base_final.element_size() if self.base_final is not None else 0
-        return self.hidden.numel() * self.hidden.element_size() + extra
+        """Memory held by the capture: the hidden states and every tensor the layers are
+        called with (masks, rotary embeddings: a packed batch's mask is rows × width²)."""
+        tensors = {id(t): t for t in _tensors((self.hidden, self.base_final, self.calls))}
+        return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors inside nested tuples, lists and dicts."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            yield from _tensors(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from _tensors(item)
 
 
 def input_device(model: nn.Module) -> torch.device:

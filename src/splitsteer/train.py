@@ -184,14 +184,20 @@ def _prepare(
         raise InputError(f"--batch-size {cfg.batch_size} with {len(order)} pairs leaves a batch of fewer pairs than "
                          f"the {world.size} processes; choose a batch size so that every batch has at least "
                          f"{world.size} pairs")
-    # RePS runs every row at +m and −m in one forward: twice the tokens. DiffMean keeps no
-    # activations for a backward pass, so its batches need no parts.
-    budget = cfg.max_tokens // (2 if cfg.method == "reps" else 1) if cfg.method != "diffmean" else math.inf
+    budget = _token_budget(cfg)
     return [
         _PreparedBatch([_Part(pair_batch([rendered[i] for i in part], pad_id(tokenizer), pack=pack))
                         for part in _split_by_tokens(world.shard(idx), rendered, pack, budget)], len(idx))
         for idx in batches
     ]
+
+
+def _token_budget(cfg: TrainConfig) -> float:
+    """Tokens per part of a batch. RePS runs every row at +m and −m in one forward (twice the
+    tokens); DiffMean keeps no activations for a backward pass, so it needs no parts."""
+    if cfg.method == "diffmean":
+        return math.inf
+    return cfg.max_tokens / (2 if cfg.method == "reps" else 1)
 
 
 def _split_by_tokens(indices: Sequence[int], rendered: Sequence[tuple[Rendered, Rendered]], pack: bool,
@@ -200,14 +206,12 @@ def _split_by_tokens(indices: Sequence[int], rendered: Sequence[tuple[Rendered, 
     (a single pair over the budget runs alone)."""
     rows_per_pair = 1 if pack else 2
     parts: list[list[int]] = [[]]
-    widest = 0
     for i in indices:
-        width = max(widest, row_width(rendered[i], pack))
-        if parts[-1] and (len(parts[-1]) + 1) * rows_per_pair * width > budget:
-            parts.append([])
-            width = row_width(rendered[i], pack)
-        parts[-1].append(i)
-        widest = width
+        grown = parts[-1] + [i]
+        if parts[-1] and rows_per_pair * len(grown) * max(row_width(rendered[j], pack) for j in grown) > budget:
+            parts.append([i])
+        else:
+            parts[-1] = grown
     return parts
 
 
