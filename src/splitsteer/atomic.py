@@ -1,4 +1,5 @@
-"""Atomic file writes: a temp file in the target's folder, then a rename.
+"""Atomic file writes: a temp file in the target's folder, then a rename (and JSON reads
+that fail in one line).
 
 An interrupted run therefore never leaves a half-written output behind. Every file splitsteer
 writes goes through here (folders built whole go through :func:`scratch_dir`), so the logic
@@ -72,6 +73,17 @@ def json_safe(value: Any) -> Any:
 
 def write_json(path: str | os.PathLike[str], payload: Any) -> Path:
     return write_text(path, json.dumps(json_safe(payload), indent=2, allow_nan=False) + "\n")
+
+
+def read_json(path: str | os.PathLike[str], error: type[Exception], *, invalid: str = "invalid JSON",
+              hint: str = "") -> Any:
+    """Parse a JSON file; undecodable or malformed content raises ``error`` as one line:
+    ``PATH: <invalid> (<parser's reason>)<hint>``."""
+    try:
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        reason = " ".join(str(exc).split())[:200]
+        raise error(f"{path}: {invalid} ({reason}){hint}") from None
 
 
 @contextmanager

@@ -635,12 +635,11 @@ def _fmt(value: float | None) -> str:
 
 def _read_sweep(path: Path) -> dict[str, Any]:
     """A sweep.json, checked enough that fits and plots cannot trip over its contents."""
+    from .atomic import read_json
+
     if not path.is_file():
         raise InputError(f"{path}: sweep file not found")
-    try:
-        payload = json.loads(path.read_bytes().decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise InputError(f"{path}: invalid JSON ({' '.join(str(exc).split())[:200]})") from None
+    payload = read_json(path, InputError)
     missing = [k for k in ("factors", "pref_odds", "util_odds") if not isinstance(payload, dict) or k not in payload]
     if missing:
         raise InputError(f"{path}: not a sweep.json (missing {', '.join(missing)})")

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from . import __version__
-from .atomic import write_bytes, write_text
+from .atomic import read_json, write_bytes, write_text
 from .distributed import current_world, sum_gradients, sum_tensor, sum_values
 from .errors import ArtifactError, InputError, RuntimeFailure
 from .models import check_layer, final_norm, hidden_size, model_id, num_layers
@@ -523,11 +523,7 @@ class _Checkpointer:
         return self._read_tensors(state)
 
     def _read_state(self, state_path: Path) -> dict[str, Any]:
-        try:
-            state = json.loads(state_path.read_bytes().decode("utf-8"))
-        except (ValueError, RecursionError) as exc:
-            reason = " ".join(str(exc).split())[:200]
-            raise ArtifactError(f"{state_path}: invalid checkpoint ({reason}); delete it to start over") from None
+        state = read_json(state_path, ArtifactError, invalid="invalid checkpoint", hint="; delete it to start over")
         required: dict[str, type | tuple[type, ...]] = {
             "format": int, "epoch": int, "step": int, "examples": int, "seconds": (int, float),
             "log": list, "scheduler": dict, "lrs": list, "weights": str, "config": dict,

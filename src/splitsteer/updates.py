@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from . import __version__
-from .atomic import scratch_dir, write_bytes
+from .atomic import read_json, scratch_dir, write_bytes
 from .errors import ArtifactError, InputError, ModelError
 from .models import (
     check_layer,
@@ -335,11 +335,7 @@ class SteeringUpdate:
 def _read_meta(meta_path: Path) -> dict[str, Any]:
     if not meta_path.is_file():
         raise ArtifactError(f"{meta_path}: missing (a steering artifact needs {META_FILE})")
-    try:
-        meta = json.loads(meta_path.read_bytes().decode("utf-8"))
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        reason = " ".join(str(exc).split())[:200]
-        raise ArtifactError(f"{meta_path}: invalid JSON ({reason})") from None
+    meta = read_json(meta_path, ArtifactError)
     if not isinstance(meta, dict):
         raise ArtifactError(f"{meta_path}: expected a JSON object")
     missing = [k for k in ("form", "layer", "site") if k not in meta]
