@@ -10,17 +10,12 @@ from pathlib import Path
 import pytest
 
 from splitsteer.cli import main
-from tiny import save_tiny_model
+from tiny import tiny_workspace
 
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cli")
-    save_tiny_model(root / "model")
-    rows = [{"prompt": f"Would you lead team {i}?", "positive": f"Yes, I lead {i}.", "negative": f"No, not me {i}."}
-            for i in range(12)]
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return tiny_workspace(tmp_path_factory.mktemp("cli"), 12)
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

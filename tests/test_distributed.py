@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -13,7 +12,7 @@ import pytest
 import torch
 
 from splitsteer.updates import SteeringUpdate
-from tiny import save_tiny_model
+from tiny import tiny_workspace
 
 
 def free_port() -> int:
@@ -24,12 +23,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("ddp")
-    save_tiny_model(root / "model")
-    rows = [{"prompt": f"Would you lead team {i}?", "positive": f"Yes, I lead {i}.", "negative": f"No, not me {i}."}
-            for i in range(14)]  # 14 pairs, batch 4: the last batch (2 pairs) has one pair per process
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    # 14 pairs, batch 4: the last batch (2 pairs) has one pair per process
+    return tiny_workspace(tmp_path_factory.mktemp("ddp"), 14)
 
 
 def train_args(root: Path, out: Path, method: str, form: str) -> list[str]:

@@ -19,19 +19,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from splitsteer.cli import main
 from splitsteer.models import load_model
 from splitsteer.updates import SteeringUpdate
-from tiny import tiny_llama, tiny_tokenizer
+from tiny import jsonl, lead_pairs, tiny_llama, tiny_tokenizer
 
 CONTEXT = 64  # the saved model's context length, small so that a long prompt exceeds it
 LONG_PROMPT = "Tell me about the ocean and the moon. " * 12
-
-
-def _pairs(n: int = 8) -> list[dict[str, str]]:
-    return [{"prompt": f"Would you lead team {i}?", "positive": f"Yes, I lead {i}.", "negative": f"No, not me {i}."}
-            for i in range(n)]
-
-
-def _jsonl(rows: list[dict[str, str]]) -> str:
-    return "".join(json.dumps(r) + "\n" for r in rows)
 
 
 def _save_model(path: Path, **changes: int) -> None:
@@ -54,14 +45,14 @@ def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
     _save_model(root / "narrow", hidden_size=16, intermediate_size=32)
     _save_model(root / "deep", num_hidden_layers=3)
     files = {
-        "pairs.jsonl": _jsonl(_pairs()),
-        "pairs.txt": _jsonl(_pairs()),
-        "malformed.jsonl": _jsonl(_pairs(1)) + '{"prompt": "x", "positive": \n',
-        "missing.jsonl": _jsonl([{"prompt": "Lead?", "positive": "Yes."}]),
+        "pairs.jsonl": jsonl(lead_pairs(8)),
+        "pairs.txt": jsonl(lead_pairs(8)),
+        "malformed.jsonl": jsonl(lead_pairs(1)) + '{"prompt": "x", "positive": \n',
+        "missing.jsonl": jsonl([{"prompt": "Lead?", "positive": "Yes."}]),
         "empty.jsonl": "",
-        "empty-answer.jsonl": _jsonl([*_pairs(1), {"prompt": "Lead?", "positive": "Yes.", "negative": "  "}]),
-        "same.jsonl": _jsonl([{"prompt": "Lead?", "positive": "Yes.", "negative": "Yes."}]),
-        "long.jsonl": _jsonl([*_pairs(3), {"prompt": LONG_PROMPT, "positive": "Yes.", "negative": "No."}]),
+        "empty-answer.jsonl": jsonl([*lead_pairs(1), {"prompt": "Lead?", "positive": "Yes.", "negative": "  "}]),
+        "same.jsonl": jsonl([{"prompt": "Lead?", "positive": "Yes.", "negative": "Yes."}]),
+        "long.jsonl": jsonl([*lead_pairs(3), {"prompt": LONG_PROMPT, "positive": "Yes.", "negative": "No."}]),
         "bad-epochs.yaml": "name: x\ntrain: {epochs: 0}\n",
         "bad-layer.yaml": "name: x\nruns: [{method: split}, {layer: deep}]\n",
         "a-file": "not a directory\n",

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -155,6 +157,16 @@ def test_random_steer_safetensors_gives_only_artifact_errors(
     _load_or_clean_error(folder, model)
 
 
+def _parse_or_clean_error(path: Path, content: bytes, parse: Callable[[Path], Any]) -> Any:
+    """``parse`` of ``content`` written to ``path``, or None after a one-line InputError."""
+    path.write_bytes(content)
+    try:
+        return parse(path)
+    except InputError as exc:
+        assert "\n" not in str(exc)
+        return None
+
+
 # -- sweep.json ---------------------------------------------------------------------------------
 sweep_like = st.fixed_dictionaries(
     {},
@@ -168,12 +180,8 @@ sweep_like = st.fixed_dictionaries(
 @given(st.binary(max_size=200) | json_values.map(lambda v: json.dumps(v).encode())
        | sweep_like.map(lambda d: json.dumps(d).encode()))
 def test_random_sweep_json_gives_only_input_errors(tmp_path_factory: pytest.TempPathFactory, content: bytes) -> None:
-    path = tmp_path_factory.getbasetemp() / "fuzz-sweep.json"
-    path.write_bytes(content)
-    try:
-        payload = _read_sweep(path)
-    except InputError as exc:
-        assert "\n" not in str(exc)
+    payload = _parse_or_clean_error(tmp_path_factory.getbasetemp() / "fuzz-sweep.json", content, _read_sweep)
+    if payload is None:
         return
     n = len(payload["factors"])
     assert n and len(payload["pref_odds"]) == n == len(payload["util_odds"])
@@ -203,12 +211,8 @@ config_like = st.fixed_dictionaries(
 def test_random_experiment_yaml_gives_only_input_errors(
     tmp_path_factory: pytest.TempPathFactory, content: bytes
 ) -> None:
-    path = tmp_path_factory.getbasetemp() / "fuzz-experiment.yaml"
-    path.write_bytes(content)
-    try:
-        config = load_config(path)
-    except InputError as exc:
-        assert "\n" not in str(exc)
+    config = _parse_or_clean_error(tmp_path_factory.getbasetemp() / "fuzz-experiment.yaml", content, load_config)
+    if config is None:
         return
     assert isinstance(config, ExperimentConfig) and config.expand()
 

@@ -23,7 +23,7 @@ from splitsteer import cli
 from splitsteer.cli import main
 from splitsteer.errors import ArtifactError, InputError
 from splitsteer.updates import SteeringUpdate
-from tiny import save_tiny_model
+from tiny import tiny_workspace
 
 ARTIFACT_FILES = ["steer.json", "steer.safetensors", "train_log.csv"]
 STEPS_PER_EPOCH = 2  # 8 pairs in batches of 4
@@ -31,12 +31,7 @@ STEPS_PER_EPOCH = 2  # 8 pairs in batches of 4
 
 @pytest.fixture(scope="module")
 def ws(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("interrupt")
-    save_tiny_model(root / "model")
-    rows = [{"prompt": f"Would you lead team {i}?", "positive": f"Yes, I lead {i}.", "negative": f"No, not me {i}."}
-            for i in range(8)]
-    (root / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return root
+    return tiny_workspace(tmp_path_factory.mktemp("interrupt"), 8)
 
 
 def train_args(ws: Path, form: str, out: Path, *extra: str, epochs: int = 3) -> list[str]:

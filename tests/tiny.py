@@ -11,6 +11,7 @@ Use from a test module in tests/ as ``from tiny import tiny_llama, tiny_tokenize
 
 from __future__ import annotations
 
+import json
 from functools import cache
 from pathlib import Path
 
@@ -92,3 +93,20 @@ def save_tiny_model(path: Path) -> Path:
     tiny_llama().save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def lead_pairs(n: int) -> list[dict[str, str]]:
+    """``n`` distinct polarity pairs, as JSONL records."""
+    return [{"prompt": f"Would you lead team {i}?", "positive": f"Yes, I lead {i}.", "negative": f"No, not me {i}."}
+            for i in range(n)]
+
+
+def jsonl(rows: list[dict[str, str]]) -> str:
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def tiny_workspace(root: Path, n_pairs: int) -> Path:
+    """``root`` with the tiny model folder (``model``) and ``n_pairs`` pairs (``pairs.jsonl``)."""
+    save_tiny_model(root / "model")
+    (root / "pairs.jsonl").write_text(jsonl(lead_pairs(n_pairs)))
+    return root
